@@ -1,0 +1,33 @@
+"""memctl: a per-host memory-control service, and the client to use it.
+
+>>> from memctl import Client
+>>> with Client() as client:            # MEMCTL_ADDRESS or 127.0.0.1:7075
+...     client.put("x", b"data")
+...     client.get("x")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .aio import AsyncClient
+from .client import Client
+from .errors import MemctlError, ServiceUnavailable
+from .mapping import MemctlMapping
+from .results import EvictResult, KeyInfo, PutResult, ScopeStatus, Status, StoredValue, TrimResult
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "EvictResult",
+    "KeyInfo",
+    "MemctlError",
+    "MemctlMapping",
+    "PutResult",
+    "ScopeStatus",
+    "ServiceUnavailable",
+    "Status",
+    "StoredValue",
+    "TrimResult",
+    "__version__",
+]

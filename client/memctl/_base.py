@@ -1,0 +1,151 @@
+"""What ``Client`` and ``AsyncClient`` share: addresses, deadlines, request building
+and response decoding. The two clients differ only in how they wait, so a fix here
+lands in both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from .errors import InvalidArgument, MemctlError, translate
+from .protocol import CHUNK_SIZE, SESSION_METADATA_KEY, key_problem, metadata_problem
+from .results import EvictResult, PutResult, StoredValue, TrimResult, location_name
+from .v1 import memctl_pb2 as pb
+
+DEFAULT_ADDRESS = "127.0.0.1:7075"
+#: Seconds a call may take, unless the client was given another timeout.
+DEFAULT_TIMEOUT = 60.0
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 8 * CHUNK_SIZE),
+]
+
+Buffer = bytes | bytearray | memoryview
+
+
+def resolve_address(address: str | None) -> str:
+    """The address given, else ``MEMCTL_ADDRESS``, else the default loopback port."""
+    return address or os.environ.get("MEMCTL_ADDRESS") or DEFAULT_ADDRESS
+
+
+def check_key(key: str) -> None:
+    problem = key_problem(key)
+    if problem:
+        raise InvalidArgument(problem)
+
+
+def keys_list(keys: str | Iterable[str]) -> list[str]:
+    """One key or many, checked."""
+    result = [keys] if isinstance(keys, str) else list(keys)
+    for key in result:
+        check_key(key)
+    return result
+
+
+def put_requests(key: str, data: Buffer, metadata: bytes) -> Iterator[pb.PutRequest]:
+    """The Put stream: header, then ~1 MiB chunks made as sent. Checks the input now,
+    before any call is made."""
+    check_key(key)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise InvalidArgument(problem)
+    return _put_stream(key, memoryview(data).cast("B"), metadata)
+
+
+def _put_stream(key: str, view: memoryview, metadata: bytes) -> Iterator[pb.PutRequest]:
+    yield pb.PutRequest(header=pb.PutHeader(key=key, size=view.nbytes, metadata=metadata))
+    for start in range(0, view.nbytes, CHUNK_SIZE):
+        yield pb.PutRequest(chunk=bytes(view[start : start + CHUNK_SIZE]))
+
+
+def put_result(response: pb.PutResponse) -> PutResult:
+    return PutResult(response.key, response.size, location_name(response.location))
+
+
+class GetAssembler:
+    """Collects a Get stream into a value, checking it is whole."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.header: pb.GetHeader | None = None
+        self.chunks: list[bytes] = []
+        self.received = 0
+
+    def feed(self, message: pb.GetResponse) -> None:
+        if message.WhichOneof("kind") == "header":
+            self.header = message.header
+        else:
+            self.chunks.append(message.chunk)
+            self.received += len(message.chunk)
+
+    def result(self) -> StoredValue:
+        if self.header is None or self.received != self.header.size:
+            expected = "?" if self.header is None else self.header.size
+            raise MemctlError(
+                f"Get of {self.key!r} ended early ({self.received} of {expected} bytes)"
+            )
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        return StoredValue(data, self.header.metadata, location_name(self.header.location))
+
+
+def evict_request(keys: str | Iterable[str] | None, nbytes: int | None) -> pb.EvictRequest:
+    """Named keys, or ``nbytes`` of LRU values; neither means everything in RAM."""
+    if keys is not None and nbytes is not None:
+        raise InvalidArgument("evict either keys or nbytes, not both")
+    if keys is not None:
+        return pb.EvictRequest(keys=keys_list(keys))
+    if nbytes is not None:
+        if nbytes <= 0:
+            raise InvalidArgument(f"nbytes must be positive, not {nbytes}")
+        return pb.EvictRequest(nbytes=nbytes)
+    return pb.EvictRequest(all=True)
+
+
+def evict_result(response: pb.EvictResponse) -> EvictResult:
+    return EvictResult(response.bytes_moved, response.values_moved, response.error)
+
+
+def trim_result(response: pb.TrimResponse) -> TrimResult:
+    return TrimResult(
+        response.supported,
+        response.detail,
+        response.rss_before,
+        response.rss_after,
+        response.workers_asked,
+    )
+
+
+@contextmanager
+def rpc_errors(address: str, key: str | None = None) -> Iterator[None]:
+    """Raise the client's exceptions, not grpc's, for a failed call."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise translate(exc, address, key) from None
+
+
+class ClientBase:
+    """Settings both clients hold."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        session: str | None = None,
+    ):
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self.metadata: tuple[tuple[str, str], ...] = (
+            ((SESSION_METADATA_KEY, session),) if session else ()
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r})"

@@ -1,0 +1,126 @@
+"""The blocking client. ``AsyncClient`` (``aio.py``) is its asyncio twin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+import grpc
+
+from . import _base
+from ._base import Buffer, ClientBase, rpc_errors
+from .results import EvictResult, KeyInfo, PutResult, Status, StoredValue, TrimResult
+from .v1 import memctl_pb2 as pb
+from .v1 import memctl_pb2_grpc as pb_grpc
+
+
+class Client(ClientBase):
+    """Talk to a memctl daemon. Every call has a deadline (``timeout`` seconds).
+
+    ``address`` is ``host:port`` or ``unix:/path``; by default ``MEMCTL_ADDRESS``,
+    else ``127.0.0.1:7075``. A missing key raises ``KeyError``; bad input
+    ``ValueError``; an unreachable service ``ServiceUnavailable``.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = _base.DEFAULT_TIMEOUT,
+        session: str | None = None,
+    ):
+        super().__init__(address, timeout=timeout, session=session)
+        self._channel = grpc.insecure_channel(self.address, options=_base.CHANNEL_OPTIONS)
+        self._stub = pb_grpc.MemctlServiceStub(self._channel)
+
+    def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
+        """Store ``data`` under ``key``; atomic: readers see the old value or the new."""
+        requests = _base.put_requests(key, data, metadata)
+        with rpc_errors(self.address, key):
+            response = self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
+        return _base.put_result(response)
+
+    def get_value(self, key: str) -> StoredValue:
+        """The value under ``key`` with its metadata and where it was."""
+        _base.check_key(key)
+        assembler = _base.GetAssembler(key)
+        with rpc_errors(self.address, key):
+            for message in self._stub.Get(
+                pb.GetRequest(key=key), timeout=self.timeout, metadata=self.metadata
+            ):
+                assembler.feed(message)
+        return assembler.result()
+
+    def get(self, key: str) -> bytes:
+        """The value under ``key``; ``KeyError`` if there is none."""
+        return self.get_value(key).data
+
+    def stat(self, key: str) -> KeyInfo:
+        """Size and location of a value, without reading it."""
+        _base.check_key(key)
+        with rpc_errors(self.address, key):
+            response = self._stub.Stat(
+                pb.StatRequest(key=key), timeout=self.timeout, metadata=self.metadata
+            )
+        return KeyInfo.from_pb(response.info)
+
+    def list_keys(self, prefix: str = "") -> Iterator[KeyInfo]:
+        """Every key (starting with ``prefix``), sorted, fetched a page at a time."""
+        token = ""
+        while True:
+            with rpc_errors(self.address):
+                page = self._stub.ListKeys(
+                    pb.ListKeysRequest(prefix=prefix, page_token=token),
+                    timeout=self.timeout,
+                    metadata=self.metadata,
+                )
+            yield from (KeyInfo.from_pb(info) for info in page.keys)
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def evict(
+        self, keys: str | Iterable[str] | None = None, nbytes: int | None = None
+    ) -> EvictResult:
+        """Move ``keys``, or ``nbytes`` of least recently used values, or (neither
+        given) everything in RAM, to disk. A failed spill is reported, not raised."""
+        request = _base.evict_request(keys, nbytes)
+        with rpc_errors(self.address):
+            response = self._stub.Evict(request, timeout=self.timeout, metadata=self.metadata)
+        return _base.evict_result(response)
+
+    def delete(self, keys: str | Iterable[str]) -> int:
+        """Remove values; how many of them existed."""
+        request = pb.DeleteRequest(keys=_base.keys_list(keys))
+        with rpc_errors(self.address):
+            response = self._stub.Delete(request, timeout=self.timeout, metadata=self.metadata)
+        return int(response.deleted)
+
+    def status(self) -> Status:
+        with rpc_errors(self.address):
+            response = self._stub.Status(
+                pb.StatusRequest(), timeout=self.timeout, metadata=self.metadata
+            )
+        return Status.from_pb(response)
+
+    def trim(self, workers: bool = False) -> TrimResult:
+        """Ask the service (and, with ``workers``, attached workers) to malloc_trim."""
+        with rpc_errors(self.address):
+            response = self._stub.Trim(
+                pb.TrimRequest(workers=workers), timeout=self.timeout, metadata=self.metadata
+            )
+        return _base.trim_result(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

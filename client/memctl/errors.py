@@ -1,0 +1,55 @@
+"""Exceptions the client raises, translated from gRPC status codes in one place.
+
+A missing key raises the built-in ``KeyError``; bad input raises ``ValueError``
+(``InvalidArgument`` is both a ``MemctlError`` and a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MemctlError(Exception):
+    """An error reported by the memctl service; ``code`` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidArgument(MemctlError, ValueError):
+    """The service rejected the request's content."""
+
+
+class ResourceExhausted(MemctlError):
+    """Neither RAM nor disk may take the value."""
+
+
+class FailedPrecondition(MemctlError):
+    """The request does not fit the service's current state."""
+
+
+class ServiceUnavailable(MemctlError, ConnectionError):
+    """The service cannot be reached (not running, wrong address) or the deadline passed."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MemctlError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailable,
+}
+
+
+def translate(error: grpc.RpcError, address: str, key: str | None = None) -> Exception:
+    """The exception to raise for a failed call; ``KeyError`` for NOT_FOUND."""
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or code.name
+    if code == grpc.StatusCode.NOT_FOUND:
+        return KeyError(key if key is not None else details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach memctl at {address} ({details}); is `memctl serve` running?"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = f"memctl at {address} did not answer in time; raise the client's timeout"
+    return _BY_CODE.get(code, MemctlError)(details, code)

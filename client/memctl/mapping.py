@@ -1,0 +1,47 @@
+"""``MemctlMapping``: the store seen as a ``MutableMapping[str, bytes]``.
+
+The shape Dask's ``data=`` hook and zict expect: ``m[key] = value`` puts,
+``m[key]`` gets, ``del m[key]`` deletes, iteration lists keys page by page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+
+from .client import Client
+
+
+class MemctlMapping(MutableMapping[str, bytes]):
+    """A dict-like view of the caller's scope in a memctl daemon."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def __getitem__(self, key: str) -> bytes:
+        return self.client.get(key)
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.client.put(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if not self.client.delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        try:
+            self.client.stat(key)
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return (info.key for info in self.client.list_keys())
+
+    def __len__(self) -> int:
+        scope = self.client.status().scopes[0]
+        return scope.keys_in_memory + scope.keys_on_disk
+
+    def __repr__(self) -> str:
+        return f"MemctlMapping({self.client.address!r})"

@@ -1,0 +1,1 @@
+"""The memctl daemon: spill store, readings, threshold engine and gRPC servicers."""

@@ -1,0 +1,206 @@
+"""Scopes: every stored byte belongs to one, each with its own limit and spill store.
+
+The service's own scope holds data put by clients that are not attached; each
+attached worker has a scope of its own (see PRODUCT.md, "Scopes"). A scope owns a
+``SpillBuffer`` (its values and their LRU order), the values' metadata, and the
+history behind its "unmanaged" reading.
+
+Methods here are synchronous and may touch the disk: the service calls them from
+its one store thread, never from the event loop. Not covered here: the gRPC
+mapping (``service.py``) and measuring process memory (``monitor.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from memctl.sizes import format_bytes
+
+from .config import Threshold
+from .errors import NotFound, ResourceExhausted
+from .readings import MemoryReadings, UnmanagedHistory
+from .store import Compression, SpillBudget, SpillBuffer, SpillFailed, Value
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Fractions of a scope's memory limit; ``False`` turns a rule off."""
+
+    target: Threshold = 0.60
+    spill: Threshold = 0.70
+    pause: Threshold = 0.80
+    terminate: Threshold = 0.95
+
+
+class ScopeKind(Enum):
+    SERVICE = "service"
+    WORKER = "worker"
+
+
+class ScopeState(Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    TERMINATING = "terminating"
+    DETACHED = "detached"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the scope knows of a value besides its bytes."""
+
+    size: int
+    metadata: bytes
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key: str
+    size: int
+    location: Literal["memory", "disk"]
+    metadata_size: int
+
+
+@dataclass(frozen=True)
+class EvictResult:
+    bytes_moved: int
+    values_moved: int
+    error: str = ""
+
+
+class Scope:
+    """One scope's data and settings."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        kind: ScopeKind,
+        memory_limit: int | None,
+        thresholds: Thresholds,
+        directory: Path,
+        budget: SpillBudget,
+        compression: Compression,
+        recent_to_old_time: float,
+    ):
+        self.name = name
+        self.kind = kind
+        self.memory_limit = memory_limit
+        self.thresholds = thresholds
+        self.state = ScopeState.RUNNING
+        self.spilling = False
+        self.budget = budget
+        self.data = SpillBuffer(
+            directory, self.target_bytes, budget=budget, compression=compression
+        )
+        self.entries: dict[str, Entry] = {}
+        self.unmanaged_history = UnmanagedHistory(recent_to_old_time)
+
+    @property
+    def target_bytes(self) -> float:
+        """Managed bytes above which LRU values spill; ``inf`` when the rule is off."""
+        if self.memory_limit is None or self.thresholds.target is False:
+            return math.inf
+        return self.memory_limit * self.thresholds.target
+
+    @property
+    def managed(self) -> int:
+        return self.data.managed
+
+    @property
+    def spilled(self) -> int:
+        return self.data.spilled
+
+    def readings(self, *, process: int, now: float) -> MemoryReadings:
+        """Readings given this scope's process memory at ``now`` (not recorded)."""
+        managed = self.managed
+        current = max(process - managed, 0)
+        return MemoryReadings.of(
+            process=process,
+            managed=managed,
+            unmanaged_old=self.unmanaged_history.old(now, current),
+            spilled=self.spilled,
+        )
+
+    def record(self, *, process: int, now: float) -> MemoryReadings:
+        """Sample for the monitor: the readings at ``now``, remembered for "unmanaged"."""
+        reading = self.readings(process=process, now=now)
+        self.unmanaged_history.add(now, reading.process - reading.managed)
+        return reading
+
+    # --- data plane (store thread) ------------------------------------------------
+    def admit(self, size: int) -> None:
+        """Refuse a Put of ``size`` bytes up front when neither RAM nor disk may take it."""
+        ram_room = self.memory_limit - self.managed if self.memory_limit is not None else math.inf
+        disk_room = min(self.budget.room(), shutil.disk_usage(self.data.directory).free)
+        if size <= ram_room or size <= disk_room:
+            return
+        limit = format_bytes(self.memory_limit) if self.memory_limit is not None else "none"
+        raise ResourceExhausted(
+            f"a value of {format_bytes(size)} fits neither in RAM (scope {self.name!r}: "
+            f"memory limit {limit}, {format_bytes(self.managed)} managed) nor on disk "
+            f"({self.budget.describe()}, {format_bytes(int(disk_room))} free); "
+            "delete values, or raise --memory-limit or memory.max-spill"
+        )
+
+    def put(self, key: str, value: Value, metadata: bytes) -> Literal["memory", "disk"]:
+        """Store ``value``, replacing any old one; where it went."""
+        self.data[key] = value
+        self.entries[key] = Entry(memoryview(value).nbytes, metadata)
+        location = self.data.location(key)
+        assert location is not None
+        return location
+
+    def get(self, key: str) -> tuple[Value, bytes, Literal["memory", "disk"]]:
+        """The value, its metadata, and where it was before this read."""
+        location = self.data.location(key)
+        if location is None:
+            raise NotFound(f"no value under key {key!r} in scope {self.name!r}")
+        return self.data[key], self.entries[key].metadata, location
+
+    def stat(self, key: str) -> KeyInfo:
+        location = self.data.location(key)
+        if location is None:
+            raise NotFound(f"no value under key {key!r} in scope {self.name!r}")
+        entry = self.entries[key]
+        return KeyInfo(key, entry.size, location, len(entry.metadata))
+
+    def list_keys(self, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+        """Up to ``limit`` keys starting with ``prefix``, sorted, strictly after ``after``."""
+        keys = sorted(k for k in self.entries if k.startswith(prefix) and k > after)
+        return [self.stat(k) for k in keys[:limit]]
+
+    def evict(
+        self, *, keys: Sequence[str] = (), nbytes_wanted: int = 0, everything: bool = False
+    ) -> EvictResult:
+        """Move named values, ``nbytes_wanted`` of LRU values, or all of RAM to disk."""
+        missing = [k for k in keys if self.data.location(k) is None]
+        if missing:
+            raise NotFound(
+                f"{len(missing)} of the keys to evict are not in scope {self.name!r}, "
+                f"e.g. {missing[0]!r}; nothing was moved"
+            )
+        moved = [0, 0]
+        try:
+            if keys:
+                self.data.evict_keys(keys, moved)
+            else:
+                self.data.evict_bytes(math.inf if everything else nbytes_wanted, moved)
+        except SpillFailed as exc:
+            return EvictResult(moved[0], moved[1], str(exc))
+        return EvictResult(moved[0], moved[1])
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove values; how many of the named keys existed."""
+        deleted = 0
+        for key in dict.fromkeys(keys):
+            if self.data.location(key) is not None:
+                del self.data[key]
+                del self.entries[key]
+                deleted += 1
+        return deleted

@@ -1,0 +1,141 @@
+"""Fixtures that start real ``memctl serve`` processes.
+
+A daemon listens on a unix socket in the test's temporary directory (no port
+races), or on 127.0.0.1 port 0 where TCP matters; the test learns the bound
+address from the one line the daemon prints on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+#: Generous: CI machines have two cores and other tests running.
+START_DEADLINE = 30.0
+
+
+@dataclass
+class Daemon:
+    """A running ``memctl serve`` process."""
+
+    process: subprocess.Popen[str]
+    address: str
+    local_directory: Path
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def memctl_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "memctl", *args]
+
+
+def run_memctl(
+    *args: str, input: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a ``memctl`` command to completion."""
+    return subprocess.run(
+        memctl_command(*args),
+        input=input,
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_daemon(
+    tmp_path: Path, *args: str, address: str | None = None, env: dict[str, str] | None = None
+) -> Daemon:
+    """Start ``memctl serve`` and wait (with a deadline) until it says where it listens."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    local = tmp_path / "local"
+    address = address or f"unix:{tmp_path / 'memctl.sock'}"
+    log_path = tmp_path / "daemon.log"
+    command = memctl_command("serve", "--address", address, "--local-directory", str(local), *args)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MEMCTL_")}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**environ, **(env or {})},
+        )
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + START_DEADLINE
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=max(deadline - time.monotonic(), 0)):
+            continue
+        line = process.stdout.readline()
+        if line.startswith("memctl serving on "):
+            bound = line.removeprefix("memctl serving on ").strip()
+            return Daemon(process, bound, local, log_path, command)
+        if line == "":  # exited
+            break
+    process.kill()
+    process.wait()
+    raise AssertionError(f"memctl serve did not start:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons on demand; every one is stopped at teardown."""
+    started: list[Daemon] = []
+    counter = iter(range(1000))
+
+    def _spawn(*args: str, address: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+        daemon = start_daemon(tmp_path / f"d{next(counter)}", *args, address=address, env=env)
+        started.append(daemon)
+        return daemon
+
+    yield _spawn
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        if daemon.process.stdout is not None:
+            daemon.process.stdout.close()
+
+
+@pytest.fixture
+def daemon(spawn: Callable[..., Daemon]) -> Daemon:
+    """One daemon with default settings on a unix socket."""
+    return spawn()
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until it is true, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

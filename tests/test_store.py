@@ -1,0 +1,155 @@
+"""The spill store on a real directory: LRU order, size accounting, spill errors."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from memctl_server.readings import MemoryReadings, UnmanagedHistory
+from memctl_server.store import (
+    ManualEvictProto,
+    SpillBudget,
+    SpillBuffer,
+    load,
+    make_dump,
+    resolve_compression,
+)
+
+
+def make(tmp_path: Path, target: float = 100, max_spill: int | bool = False) -> SpillBuffer:
+    budget = SpillBudget(max_spill if max_spill is not True else False)
+    return SpillBuffer(tmp_path / "spill", target, budget=budget, compression="none")
+
+
+def test_lru_order_decides_what_spills(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store["a"] = b"a" * 40
+    store["b"] = b"b" * 40
+    assert store["a"] == b"a" * 40  # a is now the most recently used
+    store["c"] = b"c" * 40  # 120 > 100: the LRU value, b, spills
+    assert set(store.fast) == {"a", "c"}
+    assert set(store.slow) == {"b"}
+    assert store.managed == 80
+    assert store.spilled == 41  # one tag byte + 40 raw bytes, really on disk
+    assert sum(p.stat().st_size for p in (tmp_path / "spill").iterdir()) == store.spilled
+
+
+def test_sizes_are_tracked_through_every_move(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    for i in range(10):
+        store[f"k{i}"] = bytes(30)
+    assert store.managed == sum(len(store.fast[k]) for k in store.fast) <= 100
+    assert store.spilled == 31 * len(store.slow)
+    assert bytes(store["k0"]) == bytes(30)  # read back: returns to RAM
+    assert "k0" in store.fast
+    store["k0"] = bytes(5)  # overwrite
+    assert store.managed == sum(len(store.fast[k]) for k in store.fast)
+    for key in list(store):
+        del store[key]
+    assert store.managed == 0 and store.spilled == 0
+    assert not list((tmp_path / "spill").iterdir())
+
+
+def test_heavy_value_goes_straight_to_disk_and_stays(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store["small"] = b"s"
+    store["heavy"] = b"h" * 150
+    assert store.location("heavy") == "disk" and store.location("small") == "memory"
+    assert bytes(store["heavy"]) == b"h" * 150
+    assert store.location("heavy") == "disk"
+
+
+def test_evict_protocol(tmp_path: Path) -> None:
+    store = make(tmp_path, target=math.inf)
+    assert isinstance(store, ManualEvictProto)
+    assert store.evict() == -1  # nothing to evict: -1, never raises
+    store["a"] = b"a" * 10
+    store["b"] = b"b" * 20
+    assert store.evict() == 10  # least recently used first
+    moved = [0, 0]
+    store.evict_bytes(1, moved)
+    assert moved == [20, 1]
+    assert not store.fast and set(store.slow) == {"a", "b"}
+
+
+def test_max_spill_keeps_values_in_ram(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = make(tmp_path, target=50, max_spill=45)
+    with caplog.at_level(logging.WARNING):
+        for i in range(5):
+            store[f"k{i}"] = bytes([i]) * 40
+    assert len(store) == 5
+    assert store.spilled <= 45
+    for i in range(5):
+        assert bytes(store[f"k{i}"]) == bytes([i]) * 40
+    assert store.evict() == -1 or store.spilled <= 45
+    warnings = [r for r in caplog.records if "Spill to disk failed" in r.getMessage()]
+    assert len(warnings) == 1  # once per burst, not once per value
+    assert "raise memory.max-spill" in warnings[0].getMessage()
+
+
+def test_unwritable_directory_keeps_values_in_ram(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permission bits; a full "disk" is simulated with a file in
+        # the directory's place, which fails every write with a real OSError.
+        store = make(tmp_path, target=50)
+        (tmp_path / "spill").rmdir()
+        (tmp_path / "spill").write_bytes(b"")
+    else:
+        store = make(tmp_path, target=50)
+        (tmp_path / "spill").chmod(stat.S_IRUSR | stat.S_IXUSR)
+    for i in range(4):
+        store[f"k{i}"] = bytes([i]) * 40
+    assert store.spilled == 0 and store.managed == 160
+    assert all(bytes(store[f"k{i}"]) == bytes([i]) * 40 for i in range(4))
+    assert store.evict() == -1
+
+
+def test_spill_files_are_private(tmp_path: Path) -> None:
+    store = make(tmp_path, target=10)
+    store["../../etc/passwd"] = b"x" * 20
+    (path,) = (tmp_path / "spill").iterdir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "passwd" not in path.name
+
+
+@pytest.mark.parametrize("kind", ["lz4", "zlib", "none"])
+def test_compression_round_trips_and_skips_incompressible(kind: str) -> None:
+    dump = make_dump(resolve_compression(kind))
+    zeros, noise = bytes(100_000), os.urandom(100_000)
+    for value in (zeros, noise, b""):
+        assert bytes(load(b"".join(bytes(f) for f in dump(value)))) == value
+    packed = sum(len(f) for f in dump(zeros))
+    assert packed < 10_000 if kind != "none" else packed == 100_001
+    assert sum(len(f) for f in dump(noise)) == 100_001  # stored raw, with its tag
+
+
+def test_auto_compression_is_lz4_when_installed() -> None:
+    assert resolve_compression("auto") == "lz4"
+    with pytest.raises(ValueError, match="use auto, lz4, zlib or none"):
+        resolve_compression("snappy")
+
+
+def test_readings_add_up_by_construction() -> None:
+    r = MemoryReadings.of(process=100, managed=30, unmanaged_old=50, spilled=7)
+    assert (r.managed, r.unmanaged, r.unmanaged_recent) == (30, 50, 20)
+    assert r.managed + r.unmanaged + r.unmanaged_recent == r.process
+    # A racy RSS sample below managed is clamped, and the sum still holds.
+    r = MemoryReadings.of(process=10, managed=30, unmanaged_old=50, spilled=0)
+    assert (r.process, r.unmanaged, r.unmanaged_recent) == (30, 0, 0)
+
+
+def test_unmanaged_old_is_the_minimum_over_the_window() -> None:
+    history = UnmanagedHistory(window=30)
+    history.add(0, 100)
+    history.add(10, 40)
+    history.add(20, 80)
+    assert history.old(20, 90) == 40
+    assert history.old(39, 90) == 40
+    assert history.old(41, 90) == 80  # the 40 is older than 30 s now
+    assert history.old(41, 60) == 60  # the current sample counts
+    assert history.old(100, 70) == 70  # nothing left in the window
