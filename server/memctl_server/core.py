@@ -22,12 +22,13 @@ import psutil
 
 from memctl import __version__
 from memctl.protocol import SERVICE_SCOPE, key_problem, metadata_problem
+from memctl.results import TrimResult
+from memctl.trim import trim
 
 from .errors import InvalidArgument
 from .readings import MemoryReadings
 from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, Thresholds
 from .store import Compression, SpillBudget, Value
-from .trim import TrimResult, trim
 
 logger = logging.getLogger(__name__)
 

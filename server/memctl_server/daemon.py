@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memctl.sizes import format_bytes
+from memctl.trim import pin_mmap_threshold
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
@@ -32,7 +33,6 @@ from .limits import resolve_memory_limit, total_memory_with_source
 from .scopes import Thresholds
 from .service import MemctlServicer
 from .store import resolve_compression
-from .trim import pin_mmap_threshold
 
 logger = logging.getLogger("memctl")
 

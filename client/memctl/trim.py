@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from .results import TrimResult
+
 #: Shared objects that replace malloc when preloaded.
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "hoard", "snmalloc")
-
-
-@dataclass(frozen=True)
-class TrimResult:
-    supported: bool
-    detail: str
-    rss_before: int
-    rss_after: int
 
 
 def other_allocator(maps: Path = Path("/proc/self/maps")) -> str | None:
