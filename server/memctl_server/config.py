@@ -167,7 +167,75 @@ def _environ(value: object) -> dict[str, str]:
     )
 
 
+def _margin(value: object) -> float:
+    if not isinstance(value, bool) and isinstance(value, str | int | float):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if 0 <= number < 1:
+                return number
+    raise ValueError("is not allowed; use a fraction of the limit from 0 to below 1, like 0.05")
+
+
+def _optional_duration(value: object) -> float | Literal[False]:
+    if _is_false(value) or value is None:
+        return False
+    seconds = _duration(value)
+    if seconds == 0:
+        raise ValueError("is not allowed; use a duration above zero, like 5m, or false")
+    return seconds
+
+
+def _command(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return value
+    raise ValueError('is not allowed; use a command line, like "python my_worker.py"')
+
+
+def _positive_int(value: object) -> int:
+    if not isinstance(value, bool) and isinstance(value, str | int):
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+        else:
+            if number >= 1:
+                return number
+    raise ValueError("is not allowed; use a whole number of at least 1")
+
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _import_path(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and _IMPORT_PATH.fullmatch(value.strip()):
+        return value.strip()
+    raise ValueError(
+        'is not allowed; use "package.module:callable", or null for the built-in store'
+    )
+
+
+def _kwargs(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return dict(value)
+    raise ValueError("is not allowed; use a mapping of keyword arguments")
+
+
 _Fraction = Annotated[Threshold, PlainValidator(_fraction)]
+_Margin = Annotated[float, PlainValidator(_margin)]
+_OptionalDuration = Annotated[float | Literal[False], PlainValidator(_optional_duration)]
+_Command = Annotated[str | None, PlainValidator(_command)]
+_PositiveInt = Annotated[int, PlainValidator(_positive_int)]
+_ImportPath = Annotated[str | None, PlainValidator(_import_path)]
+_Kwargs = Annotated[dict[str, Any], PlainValidator(_kwargs)]
 _Duration = Annotated[float, PlainValidator(_duration)]
 _Interval = Annotated[float, PlainValidator(_interval)]
 _ByteBudget = Annotated[int | Literal[False], PlainValidator(_byte_budget)]
@@ -207,11 +275,41 @@ class MemoryConfig(_Section):
     recent_to_old_time: _Duration = 30.0
     max_spill: _ByteBudget = False
     spill_compression: _Compression = "auto"
+    #: Resume a paused worker only below pause - margin, so one hovering at the pause
+    #: line is not flapped every tick (Dask has no margin: dask/distributed#7742).
+    resume_margin: _Margin = 0.05
+    #: Restart a supervised worker that stays paused this long (#3761, #5999).
+    pause_timeout: _OptionalDuration = False
+
+
+class ControlConfig(_Section):
+    """The worker control stream (Attach)."""
+
+    #: How often attached workers send a heartbeat.
+    heartbeat_interval: _Interval = 1.0
+    #: A worker silent this long is detached; its data is kept.
+    heartbeat_timeout: _Interval = 10.0
+    #: How long a detached worker's data is kept for it to re-attach.
+    retention: _Duration = 3600.0
+
+
+class StoreConfig(_Section):
+    """A user-supplied ``MutableMapping[str, bytes]`` to replace the built-in store."""
+
+    #: "package.module:callable" returning the mapping; null for the built-in store.
+    factory: _ImportPath = None
+    kwargs: _Kwargs = Field(default_factory=dict)
 
 
 class NannyConfig(_Section):
     #: Set before a worker starts; glibc then returns freed memory to the OS sooner.
     environ: _Environ = Field(default_factory=lambda: {"MALLOC_TRIM_THRESHOLD_": "65536"})
+    #: A worker command line to start and supervise (``--worker``); null: none.
+    worker: _Command = None
+    #: How many copies of the worker to run (``--nworkers``).
+    nworkers: _PositiveInt = 1
+    #: Seconds between SIGTERM and SIGKILL when terminating a supervised worker.
+    terminate_grace: _Interval = 5.0
 
 
 class ServiceConfig(_Section):
@@ -223,6 +321,8 @@ class ServiceConfig(_Section):
     local_directory: _Directory = Field(default_factory=tempfile.gettempdir)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     nanny: NannyConfig = Field(default_factory=NannyConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:

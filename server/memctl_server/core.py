@@ -27,7 +27,8 @@ from memctl.trim import trim
 
 from .errors import InvalidArgument
 from .readings import MemoryReadings
-from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, Thresholds
+from .engine import Thresholds
+from .scopes import EvictResult, KeyInfo, Scope, ScopeKind
 from .store import Compression, SpillBudget, Value
 
 logger = logging.getLogger(__name__)

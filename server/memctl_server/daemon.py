@@ -30,7 +30,7 @@ from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from .config import ServiceConfig as Config
 from .core import MemoryService, ServiceSettings
 from .limits import resolve_memory_limit, total_memory_with_source
-from .scopes import Thresholds
+from .engine import Thresholds
 from .service import MemctlServicer
 from .store import resolve_compression
 

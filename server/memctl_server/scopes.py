@@ -22,20 +22,10 @@ from typing import Literal
 
 from memctl.sizes import format_bytes
 
-from .config import Threshold
+from .engine import ScopeMemo, Thresholds
 from .errors import NotFound, ResourceExhausted
 from .readings import MemoryReadings, UnmanagedHistory
 from .store import Compression, SpillBudget, SpillBuffer, SpillFailed, Value
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Fractions of a scope's memory limit; ``False`` turns a rule off."""
-
-    target: Threshold = 0.60
-    spill: Threshold = 0.70
-    pause: Threshold = 0.80
-    terminate: Threshold = 0.95
 
 
 class ScopeKind(Enum):

@@ -21,7 +21,8 @@ from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
 from .core import MemoryService, ScopeSnapshot
 from .errors import InvalidArgument, MemctlError
-from .scopes import KeyInfo, Scope, ScopeKind, ScopeState, Thresholds
+from .engine import Thresholds
+from .scopes import KeyInfo, Scope, ScopeKind, ScopeState
 
 logger = logging.getLogger(__name__)
 
