@@ -41,6 +41,8 @@ _SERVE_FLAGS = {
     "address": ("address", "--address"),
     "memory_limit": ("memory-limit", "--memory-limit"),
     "local_directory": ("local-directory", "--local-directory"),
+    "worker": ("nanny.worker", "--worker"),
+    "nworkers": ("nanny.nworkers", "--nworkers"),
 }
 
 
@@ -253,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
             type=Path,
             default=None,
             help="YAML configuration file (also $MEMCTL_CONFIG)",
+        )
+        sub.add_argument(
+            "--worker",
+            default=None,
+            metavar="CMD",
+            help='start and supervise this worker command (nanny mode), e.g. "python w.py"',
+        )
+        sub.add_argument(
+            "--nworkers", type=int, default=None, help="how many workers to start (default 1)"
         )
         sub.add_argument(
             "--set",

@@ -14,9 +14,9 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import psutil
 
@@ -25,11 +25,12 @@ from memctl.protocol import SERVICE_SCOPE, key_problem, metadata_problem
 from memctl.results import TrimResult
 from memctl.trim import trim
 
-from .errors import InvalidArgument
-from .readings import MemoryReadings
 from .engine import Thresholds
-from .scopes import EvictResult, KeyInfo, Scope, ScopeKind
-from .store import Compression, SpillBudget, Value
+from .errors import FailedPrecondition, InvalidArgument
+from .plugin import ForeignStore, load_factory
+from .readings import MemoryReadings
+from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, ScopeStore, target_bytes
+from .store import Compression, SpillBudget, SpillBuffer, Value
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class ServiceSettings:
     compression: Compression
     monitor_interval: float
     recent_to_old_time: float
+    #: "package.module:callable" for a user-supplied store, and its keyword arguments.
+    store_factory: str | None = None
+    store_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,23 +74,34 @@ class MemoryService:
         self.started = time.monotonic()
         self.process = psutil.Process()
         self.budget = SpillBudget(settings.max_spill)
+        self._store_factory = (
+            load_factory(settings.store_factory) if settings.store_factory else None
+        )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="memctl-store")
         self.service_scope = self._new_scope(
             SERVICE_SCOPE, ScopeKind.SERVICE, settings.memory_limit
         )
         self.scopes: dict[str, Scope] = {SERVICE_SCOPE: self.service_scope}
+        #: Session id -> worker scope name, valid as long as the scope exists.
+        self.sessions: dict[str, str] = {}
 
     def _new_scope(self, name: str, kind: ScopeKind, memory_limit: int | None) -> Scope:
-        # Worker ids are user input: never part of a path.
-        directory = self.settings.spill_directory / f"{kind.value}-{os.urandom(6).hex()}"
+        target = target_bytes(memory_limit, self.settings.thresholds)
+        data: ScopeStore
+        if self._store_factory is not None:
+            data = ForeignStore(self._store_factory(**self.settings.store_kwargs), target, name)
+        else:
+            # Worker ids are user input: never part of a path.
+            directory = self.settings.spill_directory / f"{kind.value}-{os.urandom(6).hex()}"
+            data = SpillBuffer(
+                directory, target, budget=self.budget, compression=self.settings.compression
+            )
         return Scope(
             name,
             kind=kind,
             memory_limit=memory_limit,
             thresholds=self.settings.thresholds,
-            directory=directory,
-            budget=self.budget,
-            compression=self.settings.compression,
+            data=data,
             recent_to_old_time=self.settings.recent_to_old_time,
         )
 
@@ -95,8 +110,38 @@ class MemoryService:
         return await loop.run_in_executor(self._store_thread, lambda: func(*args, **kwargs))
 
     def scope_for(self, session_id: str | None) -> Scope:
-        """The scope a call's data belongs to: the service's own, for now."""
-        return self.service_scope
+        """The scope a call's data belongs to: its worker's, or the service's own."""
+        if session_id is None:
+            return self.service_scope
+        name = self.sessions.get(session_id)
+        if name is None or name not in self.scopes:
+            raise FailedPrecondition(
+                "unknown or expired memctl session; attach again (a worker's data is kept "
+                "for control.retention after its stream breaks)"
+            )
+        return self.scopes[name]
+
+    # --- worker scopes ------------------------------------------------------------------
+    async def open_worker_scope(
+        self, worker_id: str, memory_limit: int | None, session_id: str
+    ) -> tuple[Scope, bool]:
+        """The worker's scope, new or kept from an earlier session; whether it was kept."""
+        scope = self.scopes.get(worker_id)
+        kept = scope is not None
+        if scope is None:
+            scope = self._new_scope(worker_id, ScopeKind.WORKER, memory_limit)
+            self.scopes[worker_id] = scope
+        elif scope.memory_limit != memory_limit:
+            await self._on_store_thread(scope.set_memory_limit, memory_limit)
+        self.sessions[session_id] = worker_id
+        return scope, kept
+
+    async def release_scope(self, scope: Scope) -> None:
+        """Forget a worker scope and all its values (its retention time passed)."""
+        self.scopes.pop(scope.name, None)
+        for session_id in [s for s, name in self.sessions.items() if name == scope.name]:
+            del self.sessions[session_id]
+        await self._on_store_thread(scope.delete, list(scope.entries))
 
     # --- data plane -------------------------------------------------------------------
     async def check_put(self, scope: Scope, key: str, size: int, metadata: bytes) -> None:
@@ -154,10 +199,16 @@ class MemoryService:
     def rss(self) -> int:
         return int(self.process.memory_info().rss)
 
-    def process_memory(self, scope: Scope, rss: int) -> int:
-        """What a scope costs the host. Service scope: own RSS minus workers' managed."""
-        workers_managed = sum(s.managed for s in self.scopes.values() if s is not scope)
-        return max(rss - workers_managed, 0)
+    def process_memory(self, scope: Scope, service_rss: int) -> int:
+        """What a scope costs the host (PRODUCT.md, "Readings").
+
+        Worker: its RSS (self-reported, else measured by PID) + its managed bytes held
+        here. Service: the service's RSS minus the worker scopes' managed bytes.
+        """
+        if scope.kind is ScopeKind.SERVICE:
+            workers = sum(s.managed for s in self.scopes.values() if s is not scope)
+            return max(service_rss - workers, 0)
+        return worker_rss(scope) + scope.managed
 
     def snapshot(self) -> list[ScopeSnapshot]:
         """Every scope's readings now, the service scope first."""
@@ -166,23 +217,15 @@ class MemoryService:
             ScopeSnapshot(
                 scope,
                 scope.readings(process=self.process_memory(scope, rss), now=now),
-                len(scope.data.fast),
-                len(scope.data.slow),
+                scope.data.keys_in_memory,
+                scope.data.keys_on_disk,
             )
-            for scope in self.scopes.values()
+            for scope in list(self.scopes.values())
         ]
 
-    def sample(self) -> None:
-        """One monitor tick: record every scope's unmanaged memory."""
-        now, rss = time.monotonic(), self.rss()
-        for scope in self.scopes.values():
-            scope.record(process=self.process_memory(scope, rss), now=now)
-
-    async def monitor(self) -> None:
-        """Sample every ``monitor-interval`` until cancelled."""
-        while True:
-            self.sample()
-            await asyncio.sleep(self.settings.monitor_interval)
+    async def spill(self, scope: Scope, nbytes: int) -> EvictResult:
+        """Move ``nbytes`` of the scope's least recently used values to disk."""
+        return await self._on_store_thread(scope.evict, nbytes_wanted=nbytes)
 
     async def trim(self) -> TrimResult:
         return await asyncio.to_thread(trim)
@@ -196,6 +239,18 @@ class MemoryService:
 
     def close(self) -> None:
         self._store_thread.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_rss(scope: Scope) -> int:
+    """A worker's RSS: what it reports, else what its PID shows, else 0 (gone)."""
+    if scope.reported_rss is not None:
+        return scope.reported_rss
+    if not scope.attached or scope.pid <= 0:
+        return 0
+    try:
+        return int(psutil.Process(scope.pid).memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0
 
 
 def _check_key(key: str) -> None:

@@ -28,9 +28,13 @@ from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
 from .config import ServiceConfig as Config
+from .control import ControlPlane
 from .core import MemoryService, ServiceSettings
+from .engine import EngineSettings, Thresholds
+from .errors import MemctlError
 from .limits import resolve_memory_limit, total_memory_with_source
-from .engine import Thresholds
+from .monitor import Monitor
+from .nanny import Nanny
 from .service import MemctlServicer
 from .store import resolve_compression
 
@@ -85,6 +89,8 @@ def settings_from_config(config: Config) -> ServiceSettings:
         compression=resolve_compression(memory.spill_compression),
         monitor_interval=memory.monitor_interval,
         recent_to_old_time=memory.recent_to_old_time,
+        store_factory=config.store.factory,
+        store_kwargs=config.store.kwargs,
     )
 
 
@@ -141,12 +147,24 @@ async def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean exit."""
     pin_mmap_threshold()
     settings = settings_from_config(config)
-    core = MemoryService(settings)
+    try:
+        core = MemoryService(settings)
+    except MemctlError as exc:
+        shutil.rmtree(settings.spill_directory, ignore_errors=True)
+        raise StartupError(str(exc)) from exc
     server = grpc.aio.server(options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     bound_socket: Path | None = None
+    nanny: Nanny | None = None
+    background: list[asyncio.Task[None]] = []
     try:
-        pb_grpc.add_MemctlServiceServicer_to_server(MemctlServicer(core), server)
+        control = ControlPlane(
+            core,
+            heartbeat_interval=config.control.heartbeat_interval,
+            heartbeat_timeout=config.control.heartbeat_timeout,
+            retention=config.control.retention,
+        )
+        pb_grpc.add_MemctlServiceServicer_to_server(MemctlServicer(core, control), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (
@@ -170,17 +188,40 @@ async def serve(config: Config) -> int:
         # One line on stdout, so scripts (and tests) learn the address really bound.
         print(f"memctl serving on {address}", flush=True)
 
+        monitor = Monitor(
+            core,
+            control,
+            EngineSettings(
+                resume_margin=config.memory.resume_margin,
+                pause_timeout=config.memory.pause_timeout,
+            ),
+            settings.monitor_interval,
+        )
+        background.append(asyncio.create_task(monitor.run()))
+        if config.nanny.worker:
+            nanny = Nanny(
+                config.nanny.worker,
+                config.nanny.nworkers,
+                environ=config.nanny.environ,
+                address=address,
+                terminate_grace=config.nanny.terminate_grace,
+            )
+            control.supervisor = nanny
+            nanny.start()
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        monitor = asyncio.create_task(core.monitor())
         await stop.wait()
         logger.info("Shutting down: draining in-flight calls (up to %.0f s)", DRAIN_GRACE)
         await health_servicer.enter_graceful_shutdown()
-        monitor.cancel()
+        if nanny is not None:
+            await nanny.stop()
         await server.stop(DRAIN_GRACE)
     finally:
+        for task in background:
+            task.cancel()
         core.close()
         shutil.rmtree(settings.spill_directory, ignore_errors=True)
         if bound_socket is not None:

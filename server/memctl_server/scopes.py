@@ -13,19 +13,49 @@ mapping (``service.py``) and measuring process memory (``monitor.py``).
 from __future__ import annotations
 
 import math
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from memctl.sizes import format_bytes
 
 from .engine import ScopeMemo, Thresholds
 from .errors import NotFound, ResourceExhausted
 from .readings import MemoryReadings, UnmanagedHistory
-from .store import Compression, SpillBudget, SpillBuffer, SpillFailed, Value
+from .store import SpillFailed, Value
+
+
+class ScopeStore(Protocol):
+    """What a scope needs of its store: ``SpillBuffer``, or ``ForeignStore`` around a
+    user-supplied mapping."""
+
+    target: float
+    can_spill: bool
+
+    def __setitem__(self, key: str, value: Value) -> None: ...
+    def __getitem__(self, key: str) -> Value: ...
+    def __delitem__(self, key: str) -> None: ...
+    def location(self, key: str) -> Literal["memory", "disk"] | None: ...
+    @property
+    def managed(self) -> int: ...
+    @property
+    def spilled(self) -> int: ...
+    @property
+    def keys_in_memory(self) -> int: ...
+    @property
+    def keys_on_disk(self) -> int: ...
+    def disk_room(self) -> float: ...
+    def describe_disk(self) -> str: ...
+    def evict_bytes(self, wanted: float, moved: list[int]) -> None: ...
+    def evict_keys(self, keys: Iterable[str], moved: list[int]) -> None: ...
+
+
+def target_bytes(memory_limit: int | None, thresholds: Thresholds) -> float:
+    """Managed bytes above which LRU values spill; ``inf`` when the rule is off."""
+    if memory_limit is None or thresholds.target is False:
+        return math.inf
+    return memory_limit * thresholds.target
 
 
 class ScopeKind(Enum):
@@ -73,30 +103,48 @@ class Scope:
         kind: ScopeKind,
         memory_limit: int | None,
         thresholds: Thresholds,
-        directory: Path,
-        budget: SpillBudget,
-        compression: Compression,
+        data: ScopeStore,
         recent_to_old_time: float,
     ):
         self.name = name
         self.kind = kind
         self.memory_limit = memory_limit
         self.thresholds = thresholds
-        self.state = ScopeState.RUNNING
-        self.spilling = False
-        self.budget = budget
-        self.data = SpillBuffer(
-            directory, self.target_bytes, budget=budget, compression=compression
-        )
+        self.data = data
         self.entries: dict[str, Entry] = {}
         self.unmanaged_history = UnmanagedHistory(recent_to_old_time)
+        #: The engine's memory of this scope (spilling, paused, terminating).
+        self.memo = ScopeMemo()
+        # Worker scopes only: what the control plane knows of the worker.
+        self.attached = kind is ScopeKind.SERVICE
+        self.detached_since: float | None = None
+        self.pid = 0
+        self.reported_rss: int | None = None
+        self.supervised = False
+
+    @property
+    def state(self) -> ScopeState:
+        if not self.attached:
+            return ScopeState.DETACHED
+        if self.memo.terminating:
+            return ScopeState.TERMINATING
+        if self.memo.paused:
+            return ScopeState.PAUSED
+        return ScopeState.RUNNING
+
+    @property
+    def spilling(self) -> bool:
+        return self.memo.spilling
+
+    def set_memory_limit(self, memory_limit: int | None) -> None:
+        """A re-attaching worker may bring another limit; the target moves with it."""
+        self.memory_limit = memory_limit
+        self.data.target = self.target_bytes
 
     @property
     def target_bytes(self) -> float:
         """Managed bytes above which LRU values spill; ``inf`` when the rule is off."""
-        if self.memory_limit is None or self.thresholds.target is False:
-            return math.inf
-        return self.memory_limit * self.thresholds.target
+        return target_bytes(self.memory_limit, self.thresholds)
 
     @property
     def managed(self) -> int:
@@ -127,14 +175,14 @@ class Scope:
     def admit(self, size: int) -> None:
         """Refuse a Put of ``size`` bytes up front when neither RAM nor disk may take it."""
         ram_room = self.memory_limit - self.managed if self.memory_limit is not None else math.inf
-        disk_room = min(self.budget.room(), shutil.disk_usage(self.data.directory).free)
+        disk_room = self.data.disk_room()
         if size <= ram_room or size <= disk_room:
             return
         limit = format_bytes(self.memory_limit) if self.memory_limit is not None else "none"
         raise ResourceExhausted(
             f"a value of {format_bytes(size)} fits neither in RAM (scope {self.name!r}: "
             f"memory limit {limit}, {format_bytes(self.managed)} managed) nor on disk "
-            f"({self.budget.describe()}, {format_bytes(int(disk_room))} free); "
+            f"({self.data.describe_disk()}); "
             "delete values, or raise --memory-limit or memory.max-spill"
         )
 

@@ -8,6 +8,7 @@ with a one-line message, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -19,9 +20,11 @@ from memctl.protocol import CHUNK_SIZE, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
+from .control import Command, ControlPlane, Session
 from .core import MemoryService, ScopeSnapshot
-from .errors import InvalidArgument, MemctlError
 from .engine import Thresholds
+from .errors import InvalidArgument, MemctlError
+from .readings import MemoryReadings
 from .scopes import KeyInfo, Scope, ScopeKind, ScopeState
 
 logger = logging.getLogger(__name__)
@@ -71,23 +74,18 @@ def thresholds_pb(thresholds: Thresholds) -> pb.Thresholds:
 
 
 def scope_status_pb(snap: ScopeSnapshot) -> pb.ScopeStatus:
-    scope, r = snap.scope, snap.readings
+    scope = snap.scope
     return pb.ScopeStatus(
         name=scope.name,
         kind=_KIND[scope.kind],
         state=_STATE[scope.state],
         spilling=scope.spilling,
-        readings=pb.MemoryReadings(
-            process=r.process,
-            managed=r.managed,
-            unmanaged=r.unmanaged,
-            unmanaged_recent=r.unmanaged_recent,
-            spilled=r.spilled,
-        ),
+        readings=readings_pb(snap.readings),
         memory_limit=scope.memory_limit or 0,
         thresholds=thresholds_pb(scope.thresholds),
         keys_in_memory=snap.keys_in_memory,
         keys_on_disk=snap.keys_on_disk,
+        pid=scope.pid,
     )
 
 
@@ -100,6 +98,34 @@ def key_info_pb(info: KeyInfo) -> pb.KeyInfo:
     )
 
 
+_COMMAND_TYPE = {
+    "pause": pb.COMMAND_TYPE_PAUSE,
+    "resume": pb.COMMAND_TYPE_RESUME,
+    "terminate": pb.COMMAND_TYPE_TERMINATE,
+    "trim": pb.COMMAND_TYPE_TRIM,
+}
+
+
+def readings_pb(r: MemoryReadings) -> pb.MemoryReadings:
+    return pb.MemoryReadings(
+        process=r.process,
+        managed=r.managed,
+        unmanaged=r.unmanaged,
+        unmanaged_recent=r.unmanaged_recent,
+        spilled=r.spilled,
+    )
+
+
+def command_pb(command: Command) -> pb.Command:
+    return pb.Command(
+        command_id=command.id,
+        type=_COMMAND_TYPE[command.type],
+        reason=command.reason,
+        readings=readings_pb(command.readings) if command.readings else None,
+        memory_limit=command.memory_limit or 0,
+    )
+
+
 def _chunks(value: bytes | bytearray | memoryview) -> Iterator[bytes]:
     view = memoryview(value)
     for start in range(0, view.nbytes, CHUNK_SIZE):
@@ -107,8 +133,9 @@ def _chunks(value: bytes | bytearray | memoryview) -> Iterator[bytes]:
 
 
 class MemctlServicer(pb_grpc.MemctlServiceServicer):
-    def __init__(self, core: MemoryService):
+    def __init__(self, core: MemoryService, control: ControlPlane):
         self.core = core
+        self.control = control
 
     def _scope(self, context: grpc.aio.ServicerContext[Any, Any]) -> Scope:
         return self.core.scope_for(_session(context))
@@ -240,22 +267,86 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         self, request: pb.TrimRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TrimResponse:
         async with _status_errors(context):
+            asked = self.control.trim_all() if request.workers else 0
             result = await self.core.trim()
             return pb.TrimResponse(
                 supported=result.supported,
                 detail=result.detail,
                 rss_before=result.rss_before,
                 rss_after=result.rss_after,
+                workers_asked=asked,
             )
         raise AssertionError("unreachable: abort raises")
 
-    async def Attach(
+    # Uses context.read/write rather than the iterator: commands go out as they come.
+    async def Attach(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.AttachRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[pb.AttachResponse]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "the worker control stream is not available in this version of memctl",
-        )
-        yield pb.AttachResponse()  # pragma: no cover - makes this a generator
+    ) -> None:
+        async with _status_errors(context):
+            first = await context.read()
+            if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+                raise InvalidArgument("an Attach stream must start with a Hello message")
+            hello = first.hello
+            session = await self.control.attach(
+                hello.worker_id, hello.pid, hello.nthreads, hello.memory_limit
+            )
+        why = "the stream broke"
+        try:
+            scope = session.scope
+            await context.write(
+                pb.AttachResponse(
+                    session=pb.Session(
+                        session_id=session.session_id,
+                        memory_limit=scope.memory_limit or 0,
+                        thresholds=thresholds_pb(scope.thresholds),
+                        heartbeat_interval_seconds=self.control.heartbeat_interval,
+                        keys_kept=session.keys_kept,
+                    )
+                )
+            )
+            why = await self._pump(session, context)
+        finally:
+            self.control.detach(session, why)
+
+    async def _pump(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Send commands as they come while reading heartbeats; why the stream ended."""
+        reader = asyncio.create_task(self._read(session, context))
+        try:
+            while True:
+                getter = asyncio.create_task(session.outbox.get())
+                done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await context.write(pb.AttachResponse(command=command_pb(getter.result())))
+                else:
+                    getter.cancel()
+                if reader in done:
+                    return reader.result()
+        finally:
+            reader.cancel()
+
+    async def _read(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        timeout = self.control.heartbeat_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(context.read(), timeout)
+            except TimeoutError:
+                return f"no heartbeat for {timeout:.0f} s"
+            if message is grpc.aio.EOF:
+                return "the worker closed the stream"
+            kind = message.WhichOneof("kind")
+            if kind == "heartbeat":
+                hb = message.heartbeat
+                self.control.heartbeat(session, hb.rss if hb.HasField("rss") else None)
+            elif kind == "result":
+                result = message.result
+                logger.info(
+                    "Worker %r answered command %d: %s%s",
+                    session.worker_id,
+                    result.command_id,
+                    "ok" if result.ok else "failed",
+                    f" ({result.detail})" if result.detail else "",
+                )
+            else:
+                return "the worker sent a second hello"

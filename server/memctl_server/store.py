@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
@@ -333,6 +334,34 @@ class SpillBuffer(zict.Buffer[str, Value]):
                 _, _, weight = self.fast.evict()
             moved[0] += int(weight)
             moved[1] += 1
+
+    can_spill = True
+
+    @property
+    def target(self) -> float:
+        """Bytes in RAM above which least recently used values spill (zict's ``n``)."""
+        return self.n
+
+    @target.setter
+    def target(self, value: float) -> None:
+        self.n = value
+        self.fast.evict_until_below_target()
+
+    @property
+    def keys_in_memory(self) -> int:
+        return len(self.fast)
+
+    @property
+    def keys_on_disk(self) -> int:
+        return len(self.slow)
+
+    def disk_room(self) -> float:
+        """Bytes that may still be spilled: max-spill and the disk's free space."""
+        return min(self.slow.budget.room(), shutil.disk_usage(self.directory).free)
+
+    def describe_disk(self) -> str:
+        free = shutil.disk_usage(self.directory).free
+        return f"{self.slow.budget.describe()}, {format_bytes(free)} free on disk"
 
     @property
     def managed(self) -> int:

@@ -1,0 +1,229 @@
+"""Worker sessions: the ``Attach`` control stream, and the commands sent over it.
+
+A worker says hello (worker id, pid, nthreads, memory limit); it gets a session and
+a scope of its own. From then on the service sends PAUSE, RESUME, TERMINATE and
+TRIM with the reason and the readings behind them, and expects heartbeats. A worker
+whose stream breaks or whose heartbeats stop is detached: its data is **kept**
+(unlike Dask), handed back when it re-attaches with the same id, and released only
+after ``control.retention``.
+
+Signals: the service never signals a process it did not start, whatever PID a
+client claims. A session is *supervised* only when its worker id names a worker
+this service started (nanny mode) and its PID is that very process (or one of its
+children); only then does TERMINATE also mean SIGTERM, then SIGKILL.
+
+Not covered here: the stream's wire I/O (``service.py``), the rules deciding
+commands (``engine.py``), the processes themselves (``nanny.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from memctl.protocol import SERVICE_SCOPE
+
+from .core import MemoryService
+from .engine import ScopeMemo
+from .errors import FailedPrecondition, InvalidArgument
+from .limits import resolve_memory_limit
+from .readings import MemoryReadings
+from .scopes import Scope
+
+logger = logging.getLogger(__name__)
+
+MAX_WORKER_ID_BYTES = 256
+
+
+class Supervisor(Protocol):
+    """What the control plane asks of the nanny (``nanny.Nanny``)."""
+
+    def owns(self, worker_id: str, pid: int) -> bool: ...
+    async def terminate(self, worker_id: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command on its way to a worker; ``service.py`` encodes it."""
+
+    id: int
+    type: str  # "pause" | "resume" | "terminate" | "trim"
+    reason: str
+    readings: MemoryReadings | None
+    memory_limit: int | None
+
+
+@dataclass
+class Session:
+    """One attached worker's stream."""
+
+    session_id: str
+    worker_id: str
+    pid: int
+    nthreads: int
+    scope: Scope
+    keys_kept: int
+    outbox: asyncio.Queue[Command] = field(default_factory=asyncio.Queue)
+    #: Who holds this worker paused: "own" (its scope) and/or "service".
+    paused_by: set[str] = field(default_factory=set)
+
+
+class ControlPlane:
+    """Attached workers, by worker id, and the commands for them."""
+
+    def __init__(
+        self,
+        core: MemoryService,
+        *,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        retention: float,
+        supervisor: Supervisor | None = None,
+    ):
+        self.core = core
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.retention = retention
+        self.supervisor = supervisor
+        self.attached: dict[str, Session] = {}
+        self._command_ids = itertools.count(1)
+
+    # --- sessions -------------------------------------------------------------------------
+    async def attach(self, worker_id: str, pid: int, nthreads: int, memory_limit: str) -> Session:
+        """Open a session for a hello; errors say what to change."""
+        size = len(worker_id.encode("utf-8"))
+        if not 0 < size <= MAX_WORKER_ID_BYTES:
+            raise InvalidArgument(
+                f"worker id must be 1 to {MAX_WORKER_ID_BYTES} bytes of UTF-8, not {size}"
+            )
+        if worker_id == SERVICE_SCOPE:
+            raise InvalidArgument(f"worker id {SERVICE_SCOPE!r} is reserved; choose another")
+        if worker_id in self.attached:
+            raise FailedPrecondition(
+                f"worker id {worker_id!r} is already attached (pid "
+                f"{self.attached[worker_id].pid}); give every worker a unique id"
+            )
+        nthreads = max(nthreads, 1)
+        try:
+            limit = resolve_memory_limit(
+                memory_limit or "auto",
+                total_memory=self.core.settings.total_memory,
+                nthreads=nthreads,
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        session_id = secrets.token_urlsafe(18)
+        scope, kept = await self.core.open_worker_scope(worker_id, limit, session_id)
+        if worker_id in self.attached:  # raced with another hello while awaiting
+            raise FailedPrecondition(f"worker id {worker_id!r} is already attached")
+        scope.attached, scope.detached_since = True, None
+        scope.pid, scope.reported_rss = pid, None
+        scope.supervised = self.supervisor is not None and self.supervisor.owns(worker_id, pid)
+        scope.memo = ScopeMemo()  # a new session starts running
+        session = Session(
+            session_id, worker_id, pid, nthreads, scope, len(scope.entries) if kept else 0
+        )
+        self.attached[worker_id] = session
+        if self.service_paused:
+            session.paused_by.add("service")
+            self._send(session, "pause", "the service scope is paused", None)
+        logger.info(
+            "Worker %r attached (pid %d, %s, limit %s%s)",
+            worker_id,
+            pid,
+            "supervised" if scope.supervised else "not supervised",
+            limit,
+            f", {session.keys_kept} values kept" if kept else "",
+        )
+        return session
+
+    def heartbeat(self, session: Session, rss: int | None) -> None:
+        session.scope.reported_rss = rss
+
+    def detach(self, session: Session, why: str) -> None:
+        """The stream ended: keep the scope and its data for ``retention``."""
+        if self.attached.get(session.worker_id) is not session:
+            return
+        del self.attached[session.worker_id]
+        scope = session.scope
+        scope.attached, scope.detached_since = False, time.monotonic()
+        scope.reported_rss = None
+        logger.info(
+            "Worker %r detached (%s); its %d values are kept for %.0f s",
+            session.worker_id,
+            why,
+            len(scope.entries),
+            self.retention,
+        )
+
+    async def release_expired(self, now: float) -> None:
+        """Release detached scopes whose retention has passed."""
+        for scope in list(self.core.scopes.values()):
+            since = scope.detached_since
+            if since is not None and not scope.attached and now - since >= self.retention:
+                logger.info(
+                    "Releasing worker %r: detached for %.0f s, %d values dropped",
+                    scope.name,
+                    now - since,
+                    len(scope.entries),
+                )
+                await self.core.release_scope(scope)
+
+    # --- commands ---------------------------------------------------------------------------
+    @property
+    def service_paused(self) -> bool:
+        return self.core.service_scope.memo.paused
+
+    def _send(
+        self, session: Session, kind: str, reason: str, readings: MemoryReadings | None
+    ) -> Command:
+        command = Command(
+            next(self._command_ids), kind, reason, readings, session.scope.memory_limit
+        )
+        session.outbox.put_nowait(command)
+        return command
+
+    def _targets(self, scope_name: str) -> list[Session]:
+        if scope_name == SERVICE_SCOPE:
+            return list(self.attached.values())
+        session = self.attached.get(scope_name)
+        return [session] if session else []
+
+    def pause(self, scope_name: str, reason: str, readings: MemoryReadings) -> None:
+        """PAUSE the scope's worker (service scope: every worker) unless already paused."""
+        source = "service" if scope_name == SERVICE_SCOPE else "own"
+        for session in self._targets(scope_name):
+            if not session.paused_by:
+                self._send(session, "pause", reason, readings)
+            session.paused_by.add(source)
+
+    def resume(self, scope_name: str, reason: str, readings: MemoryReadings) -> None:
+        """RESUME once nothing holds the worker paused any more."""
+        source = "service" if scope_name == SERVICE_SCOPE else "own"
+        for session in self._targets(scope_name):
+            if source in session.paused_by:
+                session.paused_by.discard(source)
+                if not session.paused_by:
+                    self._send(session, "resume", reason, readings)
+
+    async def terminate(self, scope_name: str, reason: str, readings: MemoryReadings) -> None:
+        """TERMINATE the worker; a supervised one is also killed and restarted."""
+        session = self.attached.get(scope_name)
+        if session is None:
+            return
+        self._send(session, "terminate", reason, readings)
+        logger.warning("Terminating worker %r: %s", scope_name, reason)
+        if session.scope.supervised and self.supervisor is not None:
+            await self.supervisor.terminate(scope_name, reason)
+
+    def trim_all(self) -> int:
+        """Send TRIM to every attached worker; how many were asked."""
+        sessions = list(self.attached.values())
+        for session in sessions:
+            self._send(session, "trim", "asked by a Trim call", None)
+        return len(sessions)

@@ -1,0 +1,148 @@
+"""Nanny mode: start worker processes, restart them when they die or are terminated.
+
+``memctl serve --worker "CMD ..." --nworkers N`` starts N copies of CMD, as Dask's
+nanny starts its worker. Each gets the service's environment plus
+``nanny.environ`` (``MALLOC_TRIM_THRESHOLD_=65536`` by default), ``MEMCTL_ADDRESS``
+(where to attach) and ``MEMCTL_WORKER_ID`` (``worker-0``, ``worker-1``, …).
+
+A worker that exits on its own is restarted with backoff (1 s doubling to 30 s,
+back to 1 s once it has run a minute); one the service terminates — SIGTERM, then
+SIGKILL after ``nanny.terminate-grace`` — is restarted at once. Only these child
+processes are ever signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_START, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
+
+
+@dataclass
+class Slot:
+    worker_id: str
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    #: Set while the service itself is killing the process: restart without backoff.
+    terminating: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Nanny:
+    """Supervises ``nworkers`` copies of one command."""
+
+    def __init__(
+        self,
+        command: str,
+        nworkers: int,
+        *,
+        environ: dict[str, str],
+        address: str,
+        terminate_grace: float,
+    ):
+        self.argv = shlex.split(command)
+        self.environ = environ
+        self.address = address
+        self.terminate_grace = terminate_grace
+        self.slots = {f"worker-{i}": Slot(f"worker-{i}") for i in range(nworkers)}
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._supervise(slot)) for slot in self.slots.values()]
+
+    def _env(self, slot: Slot) -> dict[str, str]:
+        return {
+            **os.environ,
+            **self.environ,
+            "MEMCTL_ADDRESS": self.address,
+            "MEMCTL_WORKER_ID": slot.worker_id,
+        }
+
+    async def _supervise(self, slot: Slot) -> None:
+        backoff = BACKOFF_START
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                slot.process = await asyncio.create_subprocess_exec(*self.argv, env=self._env(slot))
+            except OSError as exc:
+                logger.error("Cannot start worker %r (%s): %s", slot.worker_id, self.argv[0], exc)
+            else:
+                slot.exited.clear()
+                logger.info("Started worker %r, pid %d", slot.worker_id, slot.process.pid)
+                code = await slot.process.wait()
+                slot.exited.set()
+                if self._stopping:
+                    return
+                logger.warning(
+                    "Worker %r (pid %d) exited with %s", slot.worker_id, slot.process.pid, code
+                )
+            if slot.terminating:
+                slot.terminating = False
+                backoff = BACKOFF_START
+            else:
+                if time.monotonic() - started >= HEALTHY_AFTER:
+                    backoff = BACKOFF_START
+                logger.info("Restarting worker %r in %.0f s", slot.worker_id, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            slot.restarts += 1
+
+    def owns(self, worker_id: str, pid: int) -> bool:
+        """Whether ``pid`` is the process (or a child of the process) started as ``worker_id``."""
+        slot = self.slots.get(worker_id)
+        if slot is None or slot.process is None or slot.process.returncode is not None:
+            return False
+        if pid == slot.process.pid:
+            return True
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(slot.process.pid).children(recursive=True)
+            return any(child.pid == pid for child in children)
+        return False
+
+    async def terminate(self, worker_id: str, reason: str) -> None:
+        """SIGTERM, then SIGKILL after the grace period; the supervisor restarts it."""
+        slot = self.slots.get(worker_id)
+        if slot is None or slot.process is None or slot.process.returncode is not None:
+            return
+        slot.terminating = True
+        await self._kill(slot)
+
+    async def _kill(self, slot: Slot) -> None:
+        process = slot.process
+        assert process is not None
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(slot.exited.wait(), self.terminate_grace)
+        except TimeoutError:
+            logger.warning(
+                "Worker %r did not exit %.0f s after SIGTERM; sending SIGKILL",
+                slot.worker_id,
+                self.terminate_grace,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await slot.exited.wait()
+
+    async def stop(self) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL) and stop restarting them."""
+        self._stopping = True
+        running = [
+            s for s in self.slots.values() if s.process is not None and s.process.returncode is None
+        ]
+        await asyncio.gather(*(self._kill(slot) for slot in running))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,136 @@
+"""A user-supplied store: any ``MutableMapping[str, bytes]`` in place of the built-in one.
+
+Configured as ``store.factory: "package.module:callable"`` and ``store.kwargs``; each
+scope calls the factory once for its own mapping. As with Dask's ``data=``, the
+target and spill thresholds stay active only if the mapping also has ``evict() ->
+int`` and ``fast`` (``ManualEvictProto``); otherwise the service says once that they
+are off, and values stay wherever the mapping keeps them.
+
+``ForeignStore`` gives such a mapping the few extra methods scopes use (location,
+managed bytes, eviction). What it cannot know it does not invent: ``spilled`` is 0,
+and ``managed`` counts values in ``fast`` when ``fast`` is a container, else all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable, Container, Iterable, MutableMapping, Sized
+from typing import Any, Literal, cast
+
+from .errors import FailedPrecondition
+from .store import ManualEvictProto, SpillFailed, Value, nbytes
+
+logger = logging.getLogger(__name__)
+
+StoreFactory = Callable[..., MutableMapping[str, Any]]
+
+
+def load_factory(import_path: str) -> StoreFactory:
+    """Import ``package.module:callable``; a clear error if it is not there."""
+    module_name, _, attribute = import_path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise FailedPrecondition(
+            f"store.factory {import_path!r} cannot be imported ({exc}); install the module "
+            "or fix the path"
+        ) from exc
+    if not callable(target):
+        raise FailedPrecondition(f"store.factory {import_path!r} is not callable")
+    return cast(StoreFactory, target)
+
+
+class ForeignStore:
+    """A user's mapping, seen through the interface of ``SpillBuffer``."""
+
+    def __init__(self, mapping: MutableMapping[str, Any], target: float, name: str):
+        self.mapping = mapping
+        self.target = target
+        self.sizes: dict[str, int] = {}
+        self.total = 0
+        self.can_spill = isinstance(mapping, ManualEvictProto)
+        if not self.can_spill:
+            logger.warning(
+                "Scope %r: the configured store %s has no evict() and fast, so the target "
+                "and spill thresholds are off for it (pause and terminate still apply)",
+                name,
+                type(mapping).__name__,
+            )
+
+    def _fast(self) -> object:
+        return cast(ManualEvictProto, self.mapping).fast if self.can_spill else None
+
+    def __setitem__(self, key: str, value: Value) -> None:
+        self.mapping[key] = value
+        self.total += nbytes(value) - self.sizes.get(key, 0)
+        self.sizes[key] = nbytes(value)
+        if self.can_spill:
+            while self.managed > self.target and self._evict_one() > 0:
+                pass
+
+    def __getitem__(self, key: str) -> Value:
+        return cast(Value, self.mapping[key])
+
+    def __delitem__(self, key: str) -> None:
+        del self.mapping[key]
+        self.total -= self.sizes.pop(key)
+
+    def location(self, key: str) -> Literal["memory", "disk"] | None:
+        if key not in self.sizes:
+            return None
+        fast = self._fast()
+        if isinstance(fast, Container) and key not in fast:
+            return "disk"
+        return "memory"
+
+    @property
+    def managed(self) -> int:
+        fast = self._fast()
+        if isinstance(fast, Iterable) and isinstance(fast, Container):
+            return sum(self.sizes.get(k, 0) for k in fast)
+        return self.total
+
+    @property
+    def spilled(self) -> int:
+        return 0
+
+    @property
+    def keys_in_memory(self) -> int:
+        fast = self._fast()
+        return len(fast) if isinstance(fast, Sized) else len(self.sizes)
+
+    @property
+    def keys_on_disk(self) -> int:
+        return len(self.sizes) - self.keys_in_memory
+
+    def disk_room(self) -> float:
+        return math.inf  # the mapping's own business
+
+    def describe_disk(self) -> str:
+        return f"the configured store {type(self.mapping).__name__} decides"
+
+    def _evict_one(self) -> int:
+        return cast(ManualEvictProto, self.mapping).evict()
+
+    def evict_bytes(self, wanted: float, moved: list[int]) -> None:
+        if not self.can_spill:
+            raise SpillFailed("the configured store has no evict(); it cannot spill")
+        start = moved[0]
+        while moved[0] - start < wanted:
+            size = self._evict_one()
+            if size < 0 and moved[0] == start:
+                raise SpillFailed("the configured store's evict() failed; see its log")
+            if size <= 0:
+                return
+            moved[0] += size
+            moved[1] += 1
+
+    def evict_keys(self, keys: Iterable[str], moved: list[int]) -> None:
+        raise SpillFailed(
+            "the configured store can only evict its least recently used values; "
+            "evict a number of bytes instead"
+        )
