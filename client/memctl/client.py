@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
@@ -9,9 +10,12 @@ import grpc
 
 from . import _base
 from ._base import Buffer, ClientBase, rpc_errors
+from .errors import InvalidArgument
+from .protocol import SESSION_METADATA_KEY
 from .results import EvictResult, KeyInfo, PutResult, Status, StoredValue, TrimResult
 from .v1 import memctl_pb2 as pb
 from .v1 import memctl_pb2_grpc as pb_grpc
+from .worker import WorkerSession
 
 
 class Client(ClientBase):
@@ -110,6 +114,41 @@ class Client(ClientBase):
                 pb.TrimRequest(workers=workers), timeout=self.timeout, metadata=self.metadata
             )
         return _base.trim_result(response)
+
+    def attach(
+        self,
+        worker_id: str,
+        *,
+        nthreads: int = 1,
+        memory_limit: str | int | float | None = "auto",
+        pid: int | None = None,
+        report_rss: bool = False,
+        timeout: float = 10.0,
+    ) -> WorkerSession:
+        """Attach this process as worker ``worker_id``; returns once the session is up.
+
+        ``memory_limit`` is "auto" (host memory * nthreads / CPUs), a byte size
+        ("4 GiB", 4e9), a fraction of the host's memory (0.5), or None for no limit.
+        ``pid`` defaults to this process; ``report_rss`` makes heartbeats carry this
+        process's RSS, for a worker the daemon cannot see (another PID namespace).
+        From now until ``close()``, this client's data calls go to the worker's
+        scope. A refused hello raises ``InvalidArgument`` (bad limit, empty id) or
+        ``FailedPrecondition`` (the id is attached elsewhere); no Session within
+        ``timeout`` seconds raises ``ServiceUnavailable``. One session per client:
+        a client already attached (or made with ``session=``) raises
+        ``InvalidArgument``. See ``memctl.worker``.
+        """
+        if any(name == SESSION_METADATA_KEY for name, _ in self.metadata):
+            raise InvalidArgument(
+                "this client already belongs to a worker session; use one Client per worker"
+            )
+        hello = pb.Hello(
+            worker_id=worker_id,
+            pid=os.getpid() if pid is None else pid,
+            nthreads=nthreads,
+            memory_limit="none" if memory_limit is None else str(memory_limit),
+        )
+        return WorkerSession(self, self._stub, hello, report_rss=report_rss, timeout=timeout)
 
     def close(self) -> None:
         self._channel.close()

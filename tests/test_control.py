@@ -1,0 +1,369 @@
+"""The worker control stream, the threshold engine at work, and nanny mode, end to end.
+
+Real daemons, real worker processes that really allocate memory
+(``tests/workers/grower.py``), real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+
+from memctl import Client
+from memctl.errors import FailedPrecondition
+from memctl.v1 import memctl_pb2 as pb
+from memctl.v1 import memctl_pb2_grpc as pb_grpc
+from tests.conftest import Daemon, run_memctl, wait_until
+
+MiB = 1 << 20
+GROWER = Path(__file__).parent / "workers" / "grower.py"
+INTERVAL = 0.2  # the default memory.monitor-interval
+
+
+class GrowerProcess:
+    """An interactive grower: commands in on stdin, JSON events out on stdout."""
+
+    def __init__(self, address: str, worker_id: str, limit: str):
+        env = {**os.environ, "MEMCTL_ADDRESS": address, "MALLOC_TRIM_THRESHOLD_": "65536"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(GROWER), worker_id, limit],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.selector = selectors.DefaultSelector()
+        assert self.process.stdout is not None
+        self.selector.register(self.process.stdout, selectors.EVENT_READ)
+        self.commands: list[dict[str, Any]] = []
+
+    def event(self, timeout: float = 30) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        if not self.selector.select(timeout):
+            raise AssertionError(f"no event from the worker within {timeout} s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise AssertionError(f"the worker exited ({self.process.wait()})")
+        event: dict[str, Any] = json.loads(line)
+        if event["event"] == "command":
+            self.commands.append(event)
+        return event
+
+    def until(self, kind: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.event(max(deadline - time.monotonic(), 0.01))
+            if event["event"] == kind and all(event.get(k) == v for k, v in match.items()):
+                return event
+
+    def do(self, line: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.until("done", cmd=line)
+
+    def command(self, kind: str, timeout: float = 30) -> dict[str, Any]:
+        """The first command of ``kind`` received, waiting for it if need be."""
+        for command in self.commands:
+            if command["type"] == kind:
+                return command
+        return self.until("command", timeout, type=kind)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def growers() -> Iterator[Callable[[str, str, str], GrowerProcess]]:
+    started: list[GrowerProcess] = []
+
+    def start(address: str, worker_id: str, limit: str) -> GrowerProcess:
+        grower = GrowerProcess(address, worker_id, limit)
+        started.append(grower)
+        return grower
+
+    yield start
+    for grower in started:
+        grower.close()
+
+
+def scope(client: Client, name: str) -> Any:
+    (found,) = [s for s in client.status().scopes if s.name == name]
+    return found
+
+
+def test_pause_resume_terminate_a_real_worker(
+    daemon: Daemon, growers: Callable[[str, str, str], GrowerProcess]
+) -> None:
+    limit = 200 * MiB
+    worker = growers(daemon.address, "grower", "200MiB")
+    attached = worker.until("attached")
+    assert attached["limit"] == limit
+
+    # Grow in steps until process memory crosses the pause line (80%).
+    while True:
+        done = worker.do("grow 8MiB")
+        if done["rss"] > 0.8 * limit:
+            break
+        assert not [c for c in worker.commands if c["type"] == "pause"], "paused too early"
+    pause = worker.command("pause")
+    assert pause["process"] > 0.8 * limit
+    assert "pause threshold (80% of 200.00 MiB" in pause["reason"]
+    latency = pause["received"] - done["t"]
+    assert latency <= 2 * INTERVAL, f"PAUSE came {latency:.3f} s after crossing"
+    with Client(daemon.address) as client:
+        wait_until(lambda: scope(client, "grower").state == "paused")
+        assert scope(client, "grower").pid == worker.process.pid
+
+    # Free below the resume line (pause 80% - margin 5% = 75%).
+    while worker.do("free 8MiB")["rss"] >= 0.75 * limit:
+        pass
+    resume = worker.command("resume")
+    assert resume["process"] < 0.75 * limit
+    assert "resume line (75%" in resume["reason"]
+
+    # Grow past 95%: TERMINATE. Not started by memctl, so it is told, never signalled.
+    while worker.do("grow 8MiB")["rss"] <= 0.95 * limit:
+        pass
+    terminate = worker.command("terminate")
+    assert "terminate threshold (95%" in terminate["reason"]
+    with Client(daemon.address) as client:
+        wait_until(lambda: scope(client, "grower").state == "terminating")
+    assert worker.process.poll() is None
+    assert worker.do("grow 0")["state"] == "terminating"
+
+
+def test_nanny_restarts_terminated_worker_and_its_data_survives(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    daemon = spawn(
+        "--worker",
+        f"{sys.executable} {GROWER} --nanny",
+        env={"GROWER_EVENTS": str(events), "GROWER_LIMIT": "200MiB", "GROWER_VALUES": "5"},
+    )
+
+    def read() -> list[dict[str, Any]]:
+        if not events.exists():
+            return []
+        return [json.loads(line) for line in events.read_text().splitlines()]
+
+    wait_until(lambda: any(e["event"] == "checked" for e in read()), timeout=120)
+    log = read()
+    first_pid = log[0]["pid"]
+    first = [e for e in log if e["pid"] == first_pid]
+    assert first[0]["event"] == "attached" and first[0]["kept"] == 0
+    kinds = [e.get("type") for e in first if e["event"] == "command"]
+    assert kinds[:1] == ["pause"]
+    # TERMINATE is sent just before SIGTERM, which may win the race to the worker;
+    # the reason is in the service's log either way.
+    assert "terminate scope='worker-0': process memory" in daemon.log()
+    assert "terminate threshold (95% of 200.00 MiB" in daemon.log()
+    assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
+    second = [e for e in log if e["pid"] != first_pid]
+    assert second[0]["event"] == "attached" and second[0]["kept"] == 5
+    checked = next(e for e in second if e["event"] == "checked")
+    assert checked["ok"] and checked["keys"] == 5  # byte-identical, by digest
+    with Client(daemon.address) as client:
+        worker = scope(client, "worker-0")
+        assert worker.pid == second[0]["pid"] and worker.state == "running"
+    assert "sending SIGKILL" not in daemon.log()  # SIGTERM sufficed
+
+
+def test_a_workers_values_spill_not_its_neighbours(daemon: Daemon) -> None:
+    with (
+        Client(daemon.address) as small,
+        Client(daemon.address) as large,
+        small.attach("small", memory_limit="20MiB"),
+        large.attach("large", memory_limit="4GiB"),
+    ):
+        for i in range(10):
+            small.put(f"s{i}", os.urandom(2 * MiB))
+        for i in range(5):
+            large.put(f"l{i}", os.urandom(2 * MiB))
+        with Client(daemon.address) as observer:
+            s, big = scope(observer, "small"), scope(observer, "large")
+            assert s.kind == "worker" and s.keys_on_disk > 0
+            assert s.managed <= 0.6 * 20 * MiB
+            assert big.keys_on_disk == 0 and big.managed == 10 * MiB
+            service = scope(observer, "service")
+            assert service.managed == 0  # the workers' data is not the service's
+        assert len(small.get("s3")) == 2 * MiB  # spilled, still readable
+        with pytest.raises(KeyError):
+            large.get("s3")  # scopes are separate namespaces
+
+
+def test_a_claimed_pid_is_never_signalled(spawn: Callable[..., Daemon]) -> None:
+    daemon = spawn(
+        "--worker", f"{sys.executable} -c 'import time; time.sleep(600)'", "--nworkers", "1"
+    )
+    wait_until(lambda: len(psutil.Process(daemon.pid).children()) == 1)
+    (nanny_child,) = psutil.Process(daemon.pid).children()
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with Client(daemon.address) as client:
+            for worker_id, pid in (("impostor", victim.pid), ("worker-0", victim.pid)):
+                with client.attach(worker_id, memory_limit="1MiB", pid=pid) as session:
+                    command = session.wait_for("terminate", timeout=30)
+                    assert "terminate threshold" in command.reason
+                    later = client.status().uptime_seconds + 5 * INTERVAL
+                    wait_until(lambda: client.status().uptime_seconds > later)  # noqa: B023
+                    assert victim.poll() is None, "memctl signalled a process it did not start"
+                    assert nanny_child.is_running() and nanny_child.status() != "zombie"
+        assert psutil.Process(daemon.pid).children() == [nanny_child]  # never restarted
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_detached_data_is_kept_then_released(spawn: Callable[..., Daemon]) -> None:
+    daemon = spawn("--set", "control.retention=3s")
+    with Client(daemon.address) as client:
+        with client.attach("w", memory_limit="1GiB") as session:
+            assert session.keys_kept == 0
+            client.put("k", b"kept")
+        observer = Client(daemon.address)
+        wait_until(lambda: scope(observer, "w").state == "detached")
+        assert scope(observer, "w").keys_in_memory == 1
+        with client.attach("w", memory_limit="1GiB") as session:
+            assert session.keys_kept == 1
+            assert client.get("k") == b"kept"
+        wait_until(lambda: "w" not in {s.name for s in observer.status().scopes}, timeout=30)
+        observer.close()
+
+
+def test_duplicate_worker_id_is_refused(daemon: Daemon) -> None:
+    with (
+        Client(daemon.address) as one,
+        Client(daemon.address) as two,
+        one.attach("same"),
+        pytest.raises(FailedPrecondition, match="already attached"),
+    ):
+        two.attach("same")
+
+
+def test_silent_worker_is_detached(spawn: Callable[..., Daemon]) -> None:
+    daemon = spawn("--set", "control.heartbeat-timeout=1s")
+    with grpc.insecure_channel(daemon.address) as channel:
+        hello = pb.AttachRequest(hello=pb.Hello(worker_id="mute", pid=os.getpid(), nthreads=1))
+        requests: list[pb.AttachRequest] = [hello]
+
+        def stream() -> Iterator[pb.AttachRequest]:
+            yield from requests
+            time.sleep(30)  # says hello, then nothing: no heartbeats
+
+        responses = pb_grpc.MemctlServiceStub(channel).Attach(stream(), timeout=60)
+        first = next(responses)
+        assert first.session.session_id and first.session.heartbeat_interval_seconds == 1.0
+        with Client(daemon.address) as client:
+            wait_until(lambda: scope(client, "mute").state == "detached", timeout=15)
+        assert "no heartbeat for 1 s" in daemon.log()
+        responses.cancel()
+
+
+def test_attach_errors(daemon: Daemon) -> None:
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = pb_grpc.MemctlServiceStub(channel)
+        for hello, words in (
+            (pb.Hello(worker_id=""), "worker id"),
+            (pb.Hello(worker_id="service"), "reserved"),
+            (pb.Hello(worker_id="w", memory_limit="lots"), "lots"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                next(stub.Attach(iter([pb.AttachRequest(hello=hello)]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            heartbeat = pb.AttachRequest(heartbeat=pb.Heartbeat())
+            next(stub.Attach(iter([heartbeat]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Stat(pb.StatRequest(key="k"), metadata=(("memctl-session", "bogus"),), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "attach again" in info.value.details()
+
+
+def test_status_cli_shows_every_scope(daemon: Daemon) -> None:
+    with Client(daemon.address) as client, client.attach("w1", memory_limit="1GiB"):
+        client.put("x", b"y" * MiB)
+        result = run_memctl("status", "--address", daemon.address)
+        text = result.stdout.decode()
+        rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+        assert "running" in rows["w1"] and "1.00 MiB" in rows["w1"]
+        assert "service" in rows
+        status = json.loads(run_memctl("status", "--json", "--address", daemon.address).stdout)
+        (w1,) = [s for s in status["scopes"] if s["name"] == "w1"]
+        assert w1["kind"] == "worker" and w1["pid"] == os.getpid() and w1["managed"] == MiB
+
+
+def test_trim_reaches_attached_workers(daemon: Daemon) -> None:
+    with Client(daemon.address) as worker, worker.attach("w") as session:
+        with Client(daemon.address) as other:
+            assert other.trim(workers=True).workers_asked == 1
+        command = session.wait_for("trim", timeout=30)
+        assert command.type == "trim"
+    wait_until(lambda: "answered command" in daemon.log())
+
+
+def test_store_without_evict_turns_thresholds_off(spawn: Callable[..., Daemon]) -> None:
+    daemon = spawn(
+        "--memory-limit", "16MiB", "--set", "store.factory=tests.plugin_stores:plain_dict"
+    )
+    with Client(daemon.address) as client:
+        for i in range(6):
+            client.put(f"k{i}", os.urandom(2 * MiB))  # 12 MiB > target 9.6 MiB
+        service = scope(client, "service")
+        assert service.keys_on_disk == 0 and service.managed == 12 * MiB
+        assert client.get("k0") and client.delete(["k0"]) == 1
+    assert daemon.log().count("target and spill thresholds are off") == 1
+
+
+def test_store_with_evict_keeps_target(spawn: Callable[..., Daemon], tmp_path: Path) -> None:
+    config = tmp_path / "store.yaml"
+    config.write_text(
+        "store:\n  factory: tests.plugin_stores:two_tier\n  kwargs: {label: from-config}\n"
+    )
+    daemon = spawn("--memory-limit", "16MiB", "--config", str(config))
+    with Client(daemon.address) as client:
+        for i in range(6):
+            client.put(f"k{i}", os.urandom(2 * MiB))
+        service = scope(client, "service")
+        assert service.keys_on_disk > 0 and service.managed <= 0.6 * 16 * MiB
+        assert client.stat("k0").location == "disk" and len(client.get("k0")) == 2 * MiB
+    assert "thresholds are off" not in daemon.log()
+
+
+def test_unimportable_store_stops_startup(tmp_path: Path) -> None:
+    result = run_memctl(
+        "serve",
+        "--address",
+        f"unix:{tmp_path}/s",
+        "--local-directory",
+        str(tmp_path),
+        "--set",
+        "store.factory=no_such_module:factory",
+    )
+    assert result.returncode == 1
+    assert b"no_such_module" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_worker_that_dies_is_restarted_with_backoff(spawn: Callable[..., Daemon]) -> None:
+    daemon = spawn("--worker", f"{sys.executable} -c 'import sys; sys.exit(3)'")
+    wait_until(lambda: "Restarting worker 'worker-0' in 2 s" in daemon.log(), timeout=30)
+    log = daemon.log()
+    assert "Worker 'worker-0'" in log and "exited with 3" in log
+    assert log.index("Restarting worker 'worker-0' in 1 s") < log.index("in 2 s")
+    assert daemon.stop() == 0  # stopping does not wait for the backoff
