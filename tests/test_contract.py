@@ -34,3 +34,18 @@ def test_buf_lint_is_clean() -> None:
     assert buf, "buf is missing: install the test extra (buf-bin)"
     result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_contract_does_not_break_the_released_one() -> None:
+    """``protos/baseline/memctl-v1.json`` is the contract as first released (``buf
+    build -o``); every later change must be additive."""
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    assert buf
+    result = subprocess.run(
+        [buf, "breaking", "--against", "protos/baseline/memctl-v1.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

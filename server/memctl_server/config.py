@@ -229,7 +229,49 @@ def _kwargs(value: object) -> dict[str, Any]:
     raise ValueError("is not allowed; use a mapping of keyword arguments")
 
 
+_EXPORTERS = ("prometheus", "otlp")
+
+
+def _exporters(value: object) -> tuple[str, ...] | None:
+    """A list (or comma-separated text) of exporters; null: ask OTEL_METRICS_EXPORTER."""
+    if value is None:
+        return None
+    if _is_false(value) or value == "none":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, list | tuple):
+        names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+        if all(name in _EXPORTERS for name in names):
+            return names
+    raise ValueError("is not allowed; use a list of exporters: prometheus, otlp (or none)")
+
+
+def _optional_address(value: object) -> str | None:
+    return None if value is None else _address(value)
+
+
+def _optional_interval(value: object) -> float | None:
+    return None if value is None else _interval(value)
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise ValueError("is not allowed; use text, or null")
+
+
+def _log_format(value: object) -> Literal["text", "json"]:
+    if isinstance(value, str) and value.strip().lower() in ("text", "json"):
+        return "json" if value.strip().lower() == "json" else "text"
+    raise ValueError("is not allowed; use text or json")
+
+
 _Fraction = Annotated[Threshold, PlainValidator(_fraction)]
+_Exporters = Annotated[tuple[str, ...] | None, PlainValidator(_exporters)]
+_OptionalAddress = Annotated[str | None, PlainValidator(_optional_address)]
+_OptionalInterval = Annotated[float | None, PlainValidator(_optional_interval)]
+_OptionalText = Annotated[str | None, PlainValidator(_optional_text)]
+_LogFormat = Annotated[Literal["text", "json"], PlainValidator(_log_format)]
 _Margin = Annotated[float, PlainValidator(_margin)]
 _OptionalDuration = Annotated[float | Literal[False], PlainValidator(_optional_duration)]
 _Command = Annotated[str | None, PlainValidator(_command)]
@@ -312,6 +354,24 @@ class NannyConfig(_Section):
     terminate_grace: _Interval = 5.0
 
 
+class MetricsConfig(_Section):
+    """OpenTelemetry metrics; each null falls back to the standard ``OTEL_*`` variable."""
+
+    #: prometheus and/or otlp; null: OTEL_METRICS_EXPORTER, else none (off costs nothing).
+    exporters: _Exporters = None
+    #: Where /metrics is served; null: OTEL_EXPORTER_PROMETHEUS_HOST/PORT, else 127.0.0.1:9464.
+    prometheus_address: _OptionalAddress = None
+    #: OTLP/gRPC collector; null: OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT, else localhost:4317.
+    otlp_endpoint: _OptionalText = None
+    #: How often OTLP pushes; null: OTEL_METRIC_EXPORT_INTERVAL, else 60 s.
+    export_interval: _OptionalInterval = None
+
+
+class LogConfig(_Section):
+    #: json: one JSON object per line, events with all their fields.
+    format: _LogFormat = "text"
+
+
 class ServiceConfig(_Section):
     """The whole configuration; ``load_config`` builds it."""
 
@@ -323,6 +383,8 @@ class ServiceConfig(_Section):
     nanny: NannyConfig = Field(default_factory=NannyConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:

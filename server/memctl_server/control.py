@@ -71,6 +71,8 @@ class Session:
     outbox: asyncio.Queue[Command] = field(default_factory=asyncio.Queue)
     #: Who holds this worker paused: "own" (its scope) and/or "service".
     paused_by: set[str] = field(default_factory=set)
+    #: Commands sent and not yet answered: id -> type.
+    pending: dict[int, str] = field(default_factory=dict)
 
 
 class ControlPlane:
@@ -186,7 +188,12 @@ class ControlPlane:
             next(self._command_ids), kind, reason, readings, session.scope.memory_limit
         )
         session.outbox.put_nowait(command)
+        session.pending[command.id] = kind
         return command
+
+    def answered(self, session: Session, command_id: int) -> str | None:
+        """The type of the command a worker answered, or None if it was not ours."""
+        return session.pending.pop(command_id, None)
 
     def _targets(self, scope_name: str) -> list[Session]:
         if scope_name == SERVICE_SCOPE:
@@ -217,7 +224,6 @@ class ControlPlane:
         if session is None:
             return
         self._send(session, "terminate", reason, readings)
-        logger.warning("Terminating worker %r: %s", scope_name, reason)
         if session.scope.supervised and self.supervisor is not None:
             await self.supervisor.terminate(scope_name, reason)
 

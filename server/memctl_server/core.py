@@ -27,6 +27,7 @@ from memctl.trim import trim
 
 from .engine import Thresholds
 from .errors import FailedPrecondition, InvalidArgument
+from .events import EventLog
 from .plugin import ForeignStore, load_factory
 from .readings import MemoryReadings
 from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, ScopeStore, target_bytes
@@ -74,6 +75,7 @@ class MemoryService:
         self.started = time.monotonic()
         self.process = psutil.Process()
         self.budget = SpillBudget(settings.max_spill)
+        self.events = EventLog()
         self._store_factory = (
             load_factory(settings.store_factory) if settings.store_factory else None
         )
@@ -228,7 +230,15 @@ class MemoryService:
         return await self._on_store_thread(scope.evict, nbytes_wanted=nbytes)
 
     async def trim(self) -> TrimResult:
-        return await asyncio.to_thread(trim)
+        result = await asyncio.to_thread(trim)
+        self.events.record(
+            "trim",
+            SERVICE_SCOPE,
+            result.detail,
+            rss_before=result.rss_before,
+            rss_after=result.rss_after,
+        )
+        return result
 
     def uptime(self) -> float:
         return time.monotonic() - self.started

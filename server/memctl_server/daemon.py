@@ -191,6 +191,7 @@ async def serve(config: Config) -> int:
         monitor = Monitor(
             core,
             control,
+            core.events,
             EngineSettings(
                 resume_margin=config.memory.resume_margin,
                 pause_timeout=config.memory.pause_timeout,
@@ -205,6 +206,7 @@ async def serve(config: Config) -> int:
                 environ=config.nanny.environ,
                 address=address,
                 terminate_grace=config.nanny.terminate_grace,
+                events=core.events,
             )
             control.supervisor = nanny
             nanny.start()

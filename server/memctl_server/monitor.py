@@ -24,6 +24,7 @@ from .engine import (
     Terminate,
     decide,
 )
+from .events import EventLog
 from .scopes import Scope, ScopeKind
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ class Monitor:
         self,
         core: MemoryService,
         control: ControlPlane,
+        events: EventLog,
         settings: EngineSettings,
         interval: float,
     ):
         self.core = core
         self.control = control
+        self.events = events
         self.settings = settings
         self.interval = interval
         self._background: set[asyncio.Task[None]] = set()
@@ -74,22 +77,27 @@ class Monitor:
 
     async def apply(self, scope: Scope, decision: Decision) -> None:
         match decision:
-            case Spill(nbytes=nbytes, reason=reason):
+            case Spill(nbytes=nbytes, reason=reason, readings=readings):
                 result = await self.core.spill(scope, nbytes)
-                logger.info(
-                    "Spilled %d values (%d bytes) of scope %r: %s",
-                    result.values_moved,
-                    result.bytes_moved,
-                    scope.name,
-                    reason,
-                )
+                if result.values_moved:
+                    self.events.record(
+                        "spill",
+                        scope.name,
+                        reason,
+                        readings,
+                        bytes=result.bytes_moved,
+                        values=result.values_moved,
+                    )
             case Pause(reason=reason, readings=readings):
-                logger.warning("Pausing %r: %s", scope.name, reason)
+                self.events.record("pause", scope.name, reason, readings)
                 self.control.pause(scope.name, reason, readings)
             case Resume(reason=reason, readings=readings):
-                logger.info("Resuming %r: %s", scope.name, reason)
+                self.events.record("resume", scope.name, reason, readings)
                 self.control.resume(scope.name, reason, readings)
             case Terminate(reason=reason, readings=readings):
+                self.events.record(
+                    "terminate", scope.name, reason, readings, supervised=scope.supervised
+                )
                 # A supervised worker gets up to terminate-grace to exit: don't hold the tick.
                 task = asyncio.create_task(self.control.terminate(scope.name, reason, readings))
                 self._background.add(task)

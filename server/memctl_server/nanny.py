@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from .events import EventLog
+
 logger = logging.getLogger(__name__)
 
 BACKOFF_START, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
@@ -34,8 +36,8 @@ class Slot:
     worker_id: str
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
-    #: Set while the service itself is killing the process: restart without backoff.
-    terminating: bool = False
+    #: Why the service itself is killing the process (restart without backoff).
+    terminating: str | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -50,8 +52,10 @@ class Nanny:
         environ: dict[str, str],
         address: str,
         terminate_grace: float,
+        events: EventLog,
     ):
         self.argv = shlex.split(command)
+        self.events = events
         self.environ = environ
         self.address = address
         self.terminate_grace = terminate_grace
@@ -72,8 +76,13 @@ class Nanny:
 
     async def _supervise(self, slot: Slot) -> None:
         backoff = BACKOFF_START
+        why = ""  # why the previous incarnation ended; empty for the first start
         while not self._stopping:
+            if why:
+                slot.restarts += 1
+                self.events.record("restart", slot.worker_id, why, restarts=slot.restarts)
             started = time.monotonic()
+            why = "could not be started"
             try:
                 slot.process = await asyncio.create_subprocess_exec(*self.argv, env=self._env(slot))
             except OSError as exc:
@@ -88,8 +97,9 @@ class Nanny:
                 logger.warning(
                     "Worker %r (pid %d) exited with %s", slot.worker_id, slot.process.pid, code
                 )
-            if slot.terminating:
-                slot.terminating = False
+                why = f"exited with {code}"
+            if slot.terminating is not None:
+                why, slot.terminating = f"terminated by memctl: {slot.terminating}", None
                 backoff = BACKOFF_START
             else:
                 if time.monotonic() - started >= HEALTHY_AFTER:
@@ -97,7 +107,6 @@ class Nanny:
                 logger.info("Restarting worker %r in %.0f s", slot.worker_id, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
-            slot.restarts += 1
 
     def owns(self, worker_id: str, pid: int) -> bool:
         """Whether ``pid`` is the process (or a child of the process) started as ``worker_id``."""
@@ -116,7 +125,7 @@ class Nanny:
         slot = self.slots.get(worker_id)
         if slot is None or slot.process is None or slot.process.returncode is not None:
             return
-        slot.terminating = True
+        slot.terminating = reason
         await self._kill(slot)
 
     async def _kill(self, slot: Slot) -> None:

@@ -24,6 +24,7 @@ from .control import Command, ControlPlane, Session
 from .core import MemoryService, ScopeSnapshot
 from .engine import Thresholds
 from .errors import InvalidArgument, MemctlError
+from .events import Event
 from .readings import MemoryReadings
 from .scopes import KeyInfo, Scope, ScopeKind, ScopeState
 
@@ -123,6 +124,28 @@ def command_pb(command: Command) -> pb.Command:
         reason=command.reason,
         readings=readings_pb(command.readings) if command.readings else None,
         memory_limit=command.memory_limit or 0,
+    )
+
+
+_EVENT_KIND = {
+    "spill": pb.EVENT_KIND_SPILL,
+    "pause": pb.EVENT_KIND_PAUSE,
+    "resume": pb.EVENT_KIND_RESUME,
+    "terminate": pb.EVENT_KIND_TERMINATE,
+    "restart": pb.EVENT_KIND_RESTART,
+    "trim": pb.EVENT_KIND_TRIM,
+}
+
+
+def event_pb(event: Event) -> pb.Event:
+    return pb.Event(
+        id=event.id,
+        time=event.time,
+        kind=_EVENT_KIND[event.kind],
+        scope=event.scope,
+        reason=event.reason,
+        readings=readings_pb(event.readings) if event.readings else None,
+        details=event.details,
     )
 
 
@@ -278,6 +301,16 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             )
         raise AssertionError("unreachable: abort raises")
 
+    async def Events(
+        self, request: pb.EventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EventsResponse:
+        async with _status_errors(context):
+            events = self.core.events.select(
+                limit=request.limit, scope=request.scope, after_id=request.after_id
+            )
+            return pb.EventsResponse(events=[event_pb(e) for e in events])
+        raise AssertionError("unreachable: abort raises")
+
     # Uses context.read/write rather than the iterator: commands go out as they come.
     async def Attach(  # type: ignore[override]
         self,
@@ -348,5 +381,13 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     "ok" if result.ok else "failed",
                     f" ({result.detail})" if result.detail else "",
                 )
+                if self.control.answered(session, result.command_id) == "trim":
+                    self.core.events.record(
+                        "trim",
+                        session.worker_id,
+                        result.detail,
+                        rss_before=result.rss_before,
+                        rss_after=result.rss_after,
+                    )
             else:
                 return "the worker sent a second hello"

@@ -124,6 +124,38 @@ COMMAND_TYPE_TRIM: CommandType.ValueType  # 4
 """Give free memory back to the OS (malloc_trim)."""
 Global___CommandType: _TypeAlias = CommandType  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    EVENT_KIND_SPILL: _EventKind.ValueType  # 1
+    """Values of a scope were moved to disk because a threshold was crossed."""
+    EVENT_KIND_PAUSE: _EventKind.ValueType  # 2
+    EVENT_KIND_RESUME: _EventKind.ValueType  # 3
+    EVENT_KIND_TERMINATE: _EventKind.ValueType  # 4
+    EVENT_KIND_RESTART: _EventKind.ValueType  # 5
+    """A supervised worker was started again."""
+    EVENT_KIND_TRIM: _EventKind.ValueType  # 6
+    """malloc_trim ran in the service or in a worker."""
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """EventKind is what happened."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+EVENT_KIND_SPILL: EventKind.ValueType  # 1
+"""Values of a scope were moved to disk because a threshold was crossed."""
+EVENT_KIND_PAUSE: EventKind.ValueType  # 2
+EVENT_KIND_RESUME: EventKind.ValueType  # 3
+EVENT_KIND_TERMINATE: EventKind.ValueType  # 4
+EVENT_KIND_RESTART: EventKind.ValueType  # 5
+"""A supervised worker was started again."""
+EVENT_KIND_TRIM: EventKind.ValueType  # 6
+"""malloc_trim ran in the service or in a worker."""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class PutHeader(_message.Message):
     """PutHeader opens a Put stream."""
@@ -1051,3 +1083,123 @@ class AttachResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """Event is one thing the service did, with why and the readings at the time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    READINGS_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Increases by one with every event since the daemon started."""
+    time: _builtins.float
+    """Seconds since the Unix epoch."""
+    kind: Global___EventKind.ValueType
+    scope: _builtins.str
+    """The scope: "service" or a worker id."""
+    reason: _builtins.str
+    @_builtins.property
+    def readings(self) -> Global___MemoryReadings: ...
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Figures particular to the kind, e.g. bytes and values for a spill, RSS
+        before and after for a trim.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time: _builtins.float = ...,
+        kind: Global___EventKind.ValueType = ...,
+        scope: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        readings: Global___MemoryReadings | None = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["readings", b"readings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "id", b"id", "kind", b"kind", "readings", b"readings", "reason", b"reason", "scope", b"scope", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class EventsRequest(_message.Message):
+    """EventsRequest filters the recent events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    AFTER_ID_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many, the most recent (default: all that are kept)."""
+    scope: _builtins.str
+    """Only this scope's events; empty for every scope."""
+    after_id: _builtins.int
+    """Only events with a greater id (to follow the log)."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        scope: _builtins.str = ...,
+        after_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "limit", b"limit", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsRequest: _TypeAlias = EventsRequest  # noqa: Y015
+
+@_typing.final
+class EventsResponse(_message.Message):
+    """EventsResponse lists events, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsResponse: _TypeAlias = EventsResponse  # noqa: Y015

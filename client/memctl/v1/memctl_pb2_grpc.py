@@ -75,6 +75,11 @@ class MemctlServiceStub:
                 request_serializer=memctl_dot_v1_dot_memctl__pb2.TrimRequest.SerializeToString,
                 response_deserializer=memctl_dot_v1_dot_memctl__pb2.TrimResponse.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_unary(
+                '/memctl.v1.MemctlService/Events',
+                request_serializer=memctl_dot_v1_dot_memctl__pb2.EventsRequest.SerializeToString,
+                response_deserializer=memctl_dot_v1_dot_memctl__pb2.EventsResponse.FromString,
+                _registered_method=True)
         self.Attach = channel.stream_stream(
                 '/memctl.v1.MemctlService/Attach',
                 request_serializer=memctl_dot_v1_dot_memctl__pb2.AttachRequest.SerializeToString,
@@ -146,6 +151,14 @@ class MemctlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Events returns the most recent events (spills, pauses, resumes,
+        terminations, restarts, trims), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Attach(self, request_iterator, context):
         """Attach is the worker control stream: the worker says hello and sends
         heartbeats; the service answers with a session and sends commands.
@@ -196,6 +209,11 @@ def add_MemctlServiceServicer_to_server(servicer, server):
                     servicer.Trim,
                     request_deserializer=memctl_dot_v1_dot_memctl__pb2.TrimRequest.FromString,
                     response_serializer=memctl_dot_v1_dot_memctl__pb2.TrimResponse.SerializeToString,
+            ),
+            'Events': grpc.unary_unary_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=memctl_dot_v1_dot_memctl__pb2.EventsRequest.FromString,
+                    response_serializer=memctl_dot_v1_dot_memctl__pb2.EventsResponse.SerializeToString,
             ),
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
@@ -420,6 +438,33 @@ class MemctlService:
             '/memctl.v1.MemctlService/Trim',
             memctl_dot_v1_dot_memctl__pb2.TrimRequest.SerializeToString,
             memctl_dot_v1_dot_memctl__pb2.TrimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memctl.v1.MemctlService/Events',
+            memctl_dot_v1_dot_memctl__pb2.EventsRequest.SerializeToString,
+            memctl_dot_v1_dot_memctl__pb2.EventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

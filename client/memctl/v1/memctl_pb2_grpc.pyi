@@ -62,6 +62,10 @@ class MemctlServiceStub:
     """Status reports the readings of every scope."""
     Trim: _grpc.UnaryUnaryMultiCallable[_memctl_pb2.TrimRequest, _memctl_pb2.TrimResponse]
     """Trim asks the allocator to give free memory back to the OS."""
+    Events: _grpc.UnaryUnaryMultiCallable[_memctl_pb2.EventsRequest, _memctl_pb2.EventsResponse]
+    """Events returns the most recent events (spills, pauses, resumes,
+    terminations, restarts, trims), oldest first.
+    """
     Attach: _grpc.StreamStreamMultiCallable[_memctl_pb2.AttachRequest, _memctl_pb2.AttachResponse]
     """Attach is the worker control stream: the worker says hello and sends
     heartbeats; the service answers with a session and sends commands.
@@ -94,6 +98,10 @@ class MemctlServiceAsyncStub(MemctlServiceStub):
     """Status reports the readings of every scope."""
     Trim: _aio.UnaryUnaryMultiCallable[_memctl_pb2.TrimRequest, _memctl_pb2.TrimResponse]  # type: ignore[assignment]
     """Trim asks the allocator to give free memory back to the OS."""
+    Events: _aio.UnaryUnaryMultiCallable[_memctl_pb2.EventsRequest, _memctl_pb2.EventsResponse]  # type: ignore[assignment]
+    """Events returns the most recent events (spills, pauses, resumes,
+    terminations, restarts, trims), oldest first.
+    """
     Attach: _aio.StreamStreamMultiCallable[_memctl_pb2.AttachRequest, _memctl_pb2.AttachResponse]  # type: ignore[assignment]
     """Attach is the worker control stream: the worker says hello and sends
     heartbeats; the service answers with a session and sends commands.
@@ -171,6 +179,16 @@ class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memctl_pb2.TrimResponse, _abc.Awaitable[_memctl_pb2.TrimResponse]]:
         """Trim asks the allocator to give free memory back to the OS."""
+
+    @_abc_1.abstractmethod
+    def Events(
+        self,
+        request: _memctl_pb2.EventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memctl_pb2.EventsResponse, _abc.Awaitable[_memctl_pb2.EventsResponse]]:
+        """Events returns the most recent events (spills, pauses, resumes,
+        terminations, restarts, trims), oldest first.
+        """
 
     @_abc_1.abstractmethod
     def Attach(

@@ -1,0 +1,87 @@
+"""The event log: every spill burst, pause, resume, terminate, restart and trim.
+
+Each event is logged as one structured line (logger ``memctl.events``; JSON when
+``log.format: json``) with its scope, reason and readings, and the last
+``CAPACITY`` are kept for the ``Events`` RPC (``memctl events``). Counts per kind
+feed the metrics, so there is one bookkeeping, not two.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .readings import MemoryReadings
+
+logger = logging.getLogger("memctl.events")
+
+EventKind = Literal["spill", "pause", "resume", "terminate", "restart", "trim"]
+EVENT_KINDS: tuple[EventKind, ...] = ("spill", "pause", "resume", "terminate", "restart", "trim")
+#: How many recent events are kept for the Events RPC.
+CAPACITY = 500
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    time: float
+    kind: EventKind
+    scope: str
+    reason: str
+    readings: MemoryReadings | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, object]:
+        """The event as flat, loggable fields."""
+        flat: dict[str, object] = {"event": self.kind, "scope": self.scope, "reason": self.reason}
+        if self.readings is not None:
+            r = self.readings
+            flat.update(
+                process=r.process,
+                managed=r.managed,
+                unmanaged=r.unmanaged,
+                unmanaged_recent=r.unmanaged_recent,
+                spilled=r.spilled,
+            )
+        flat.update(self.details)
+        return flat
+
+
+class EventLog:
+    def __init__(self, capacity: int = CAPACITY):
+        self.recent: deque[Event] = deque(maxlen=capacity)
+        self.counts: Counter[EventKind] = Counter()
+        self._ids = itertools.count(1)
+
+    def record(
+        self,
+        kind: EventKind,
+        scope: str,
+        reason: str,
+        readings: MemoryReadings | None = None,
+        **details: object,
+    ) -> Event:
+        event = Event(
+            next(self._ids),
+            time.time(),
+            kind,
+            scope,
+            reason,
+            readings,
+            {k: str(v) for k, v in details.items()},
+        )
+        self.recent.append(event)
+        self.counts[kind] += 1
+        level = logging.WARNING if kind in ("pause", "terminate") else logging.INFO
+        # Text logs read "pause scope='w': reason"; JSON logs get every field.
+        logger.log(level, "%s scope=%r: %s", kind, scope, reason, extra={"fields": event.fields()})
+        return event
+
+    def select(self, *, limit: int = 0, scope: str = "", after_id: int = 0) -> list[Event]:
+        """Recent events, oldest first, filtered as the Events RPC asks."""
+        events = [e for e in self.recent if e.id > after_id and (not scope or e.scope == scope)]
+        return events[-limit:] if limit else events
