@@ -367,3 +367,15 @@ def test_worker_that_dies_is_restarted_with_backoff(spawn: Callable[..., Daemon]
     assert "Worker 'worker-0'" in log and "exited with 3" in log
     assert log.index("Restarting worker 'worker-0' in 1 s") < log.index("in 2 s")
     assert daemon.stop() == 0  # stopping does not wait for the backoff
+
+
+def test_shutdown_ends_attach_streams_instead_of_waiting_out_the_grace(daemon: Daemon) -> None:
+    with Client(daemon.address) as client, client.attach("w") as session:
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        # Draining waits up to 5 s for in-flight calls; attached streams are ended at once.
+        assert time.monotonic() - started < 5.0
+        wait_until(lambda: not session.connected)
+    log = daemon.log()
+    assert "Traceback" not in log and " ERROR " not in log
+    assert "the service is shutting down" in log

@@ -15,10 +15,12 @@ from .client import Client
 from .errors import MemctlError, ServiceUnavailable
 from .mapping import MemctlMapping
 from .results import EvictResult, KeyInfo, PutResult, ScopeStatus, Status, StoredValue, TrimResult
+from .worker import Command, SessionInfo, WorkerSession
 
 __all__ = [
     "AsyncClient",
     "Client",
+    "Command",
     "EvictResult",
     "KeyInfo",
     "MemctlError",
@@ -26,8 +28,10 @@ __all__ = [
     "PutResult",
     "ScopeStatus",
     "ServiceUnavailable",
+    "SessionInfo",
     "Status",
     "StoredValue",
     "TrimResult",
+    "WorkerSession",
     "__version__",
 ]

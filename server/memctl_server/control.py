@@ -68,7 +68,8 @@ class Session:
     nthreads: int
     scope: Scope
     keys_kept: int
-    outbox: asyncio.Queue[Command] = field(default_factory=asyncio.Queue)
+    #: Commands to send; None ends the stream (the service is shutting down).
+    outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
     #: Who holds this worker paused: "own" (its scope) and/or "service".
     paused_by: set[str] = field(default_factory=set)
     #: Commands sent and not yet answered: id -> type.
@@ -226,6 +227,11 @@ class ControlPlane:
         self._send(session, "terminate", reason, readings)
         if session.scope.supervised and self.supervisor is not None:
             await self.supervisor.terminate(scope_name, reason)
+
+    def shutdown(self) -> None:
+        """End every Attach stream, so draining does not wait on them."""
+        for session in self.attached.values():
+            session.outbox.put_nowait(None)
 
     def trim_all(self) -> int:
         """Send TRIM to every attached worker; how many were asked."""

@@ -218,6 +218,7 @@ async def serve(config: Config) -> int:
         await stop.wait()
         logger.info("Shutting down: draining in-flight calls (up to %.0f s)", DRAIN_GRACE)
         await health_servicer.enter_graceful_shutdown()
+        control.shutdown()
         if nanny is not None:
             await nanny.stop()
         await server.stop(DRAIN_GRACE)

@@ -351,7 +351,10 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                 getter = asyncio.create_task(session.outbox.get())
                 done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    await context.write(pb.AttachResponse(command=command_pb(getter.result())))
+                    command = getter.result()
+                    if command is None:
+                        return "the service is shutting down"
+                    await context.write(pb.AttachResponse(command=command_pb(command)))
                 else:
                     getter.cancel()
                 if reader in done:
@@ -366,6 +369,8 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                 message = await asyncio.wait_for(context.read(), timeout)
             except TimeoutError:
                 return f"no heartbeat for {timeout:.0f} s"
+            except Exception as exc:  # grpc's own stream errors, e.g. server stopped
+                return f"the stream broke ({type(exc).__name__})"
             if message is grpc.aio.EOF:
                 return "the worker closed the stream"
             kind = message.WhichOneof("kind")
