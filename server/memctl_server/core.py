@@ -219,8 +219,8 @@ class MemoryService:
             ScopeSnapshot(
                 scope,
                 scope.readings(process=self.process_memory(scope, rss), now=now),
-                scope.data.keys_in_memory,
-                scope.data.keys_on_disk,
+                scope.sizes.keys_in_memory,
+                scope.sizes.keys_on_disk,
             )
             for scope in list(self.scopes.values())
         ]

@@ -12,11 +12,12 @@ mapping (``service.py``) and measuring process memory (``monitor.py``).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Protocol
+from typing import Literal, ParamSpec, Protocol, TypeVar
 
 from memctl.sizes import format_bytes
 
@@ -24,6 +25,9 @@ from .engine import ScopeMemo, Thresholds
 from .errors import NotFound, ResourceExhausted
 from .readings import MemoryReadings, UnmanagedHistory
 from .store import SpillFailed, Value
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ScopeStore(Protocol):
@@ -56,6 +60,39 @@ def target_bytes(memory_limit: int | None, thresholds: Thresholds) -> float:
     if memory_limit is None or thresholds.target is False:
         return math.inf
     return memory_limit * thresholds.target
+
+
+@dataclass(frozen=True)
+class StoreSizes:
+    """A consistent view of a scope's store, published after every store operation."""
+
+    managed: int = 0
+    spilled: int = 0
+    keys_in_memory: int = 0
+    keys_on_disk: int = 0
+
+
+def publishes(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a store-thread method, then publish the store's sizes.
+
+    Readers on other threads (the monitor, Status, metrics) see the sizes between
+    operations, never halfway through one: a value being inserted and not yet
+    spilled would otherwise look like a crossed target.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        scope = args[0]
+        assert isinstance(scope, Scope)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            data = scope.data
+            scope.sizes = StoreSizes(
+                data.managed, data.spilled, data.keys_in_memory, data.keys_on_disk
+            )
+
+    return wrapper
 
 
 class ScopeKind(Enum):
@@ -112,6 +149,7 @@ class Scope:
         self.thresholds = thresholds
         self.data = data
         self.entries: dict[str, Entry] = {}
+        self.sizes = StoreSizes()
         self.unmanaged_history = UnmanagedHistory(recent_to_old_time)
         #: The engine's memory of this scope (spilling, paused, terminating).
         self.memo = ScopeMemo()
@@ -136,6 +174,7 @@ class Scope:
     def spilling(self) -> bool:
         return self.memo.spilling
 
+    @publishes
     def set_memory_limit(self, memory_limit: int | None) -> None:
         """A re-attaching worker may bring another limit; the target moves with it."""
         self.memory_limit = memory_limit
@@ -148,11 +187,11 @@ class Scope:
 
     @property
     def managed(self) -> int:
-        return self.data.managed
+        return self.sizes.managed
 
     @property
     def spilled(self) -> int:
-        return self.data.spilled
+        return self.sizes.spilled
 
     def readings(self, *, process: int, now: float) -> MemoryReadings:
         """Readings given this scope's process memory at ``now`` (not recorded)."""
@@ -186,6 +225,7 @@ class Scope:
             "delete values, or raise --memory-limit or memory.max-spill"
         )
 
+    @publishes
     def put(self, key: str, value: Value, metadata: bytes) -> Literal["memory", "disk"]:
         """Store ``value``, replacing any old one; where it went."""
         self.data[key] = value
@@ -194,6 +234,7 @@ class Scope:
         assert location is not None
         return location
 
+    @publishes
     def get(self, key: str) -> tuple[Value, bytes, Literal["memory", "disk"]]:
         """The value, its metadata, and where it was before this read."""
         location = self.data.location(key)
@@ -213,6 +254,7 @@ class Scope:
         keys = sorted(k for k in self.entries if k.startswith(prefix) and k > after)
         return [self.stat(k) for k in keys[:limit]]
 
+    @publishes
     def evict(
         self, *, keys: Sequence[str] = (), nbytes_wanted: int = 0, everything: bool = False
     ) -> EvictResult:
@@ -233,6 +275,7 @@ class Scope:
             return EvictResult(moved[0], moved[1], str(exc))
         return EvictResult(moved[0], moved[1])
 
+    @publishes
     def delete(self, keys: Sequence[str]) -> int:
         """Remove values; how many of the named keys existed."""
         deleted = 0
