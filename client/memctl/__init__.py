@@ -14,13 +14,23 @@ from .aio import AsyncClient
 from .client import Client
 from .errors import MemctlError, ServiceUnavailable
 from .mapping import MemctlMapping
-from .results import EvictResult, KeyInfo, PutResult, ScopeStatus, Status, StoredValue, TrimResult
+from .results import (
+    EventRecord,
+    EvictResult,
+    KeyInfo,
+    PutResult,
+    ScopeStatus,
+    Status,
+    StoredValue,
+    TrimResult,
+)
 from .worker import Command, SessionInfo, WorkerSession
 
 __all__ = [
     "AsyncClient",
     "Client",
     "Command",
+    "EventRecord",
     "EvictResult",
     "KeyInfo",
     "MemctlError",

@@ -9,7 +9,15 @@ import grpc
 
 from . import _base
 from ._base import Buffer, ClientBase, rpc_errors
-from .results import EvictResult, KeyInfo, PutResult, Status, StoredValue, TrimResult
+from .results import (
+    EventRecord,
+    EvictResult,
+    KeyInfo,
+    PutResult,
+    Status,
+    StoredValue,
+    TrimResult,
+)
 from .v1 import memctl_pb2 as pb
 from .v1 import memctl_pb2_grpc as pb_grpc
 
@@ -99,6 +107,16 @@ class AsyncClient(ClientBase):
                 pb.TrimRequest(workers=workers), timeout=self.timeout, metadata=self.metadata
             )
         return _base.trim_result(response)
+
+    async def events(
+        self, *, limit: int = 0, scope: str = "", after_id: int = 0
+    ) -> list[EventRecord]:
+        request = pb.EventsRequest(limit=limit, scope=scope, after_id=after_id)
+        with rpc_errors(self.address):
+            response = await self._stub.Events(
+                request, timeout=self.timeout, metadata=self.metadata
+            )
+        return [EventRecord.from_pb(event) for event in response.events]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -12,7 +12,15 @@ from . import _base
 from ._base import Buffer, ClientBase, rpc_errors
 from .errors import InvalidArgument
 from .protocol import SESSION_METADATA_KEY
-from .results import EvictResult, KeyInfo, PutResult, Status, StoredValue, TrimResult
+from .results import (
+    EventRecord,
+    EvictResult,
+    KeyInfo,
+    PutResult,
+    Status,
+    StoredValue,
+    TrimResult,
+)
 from .v1 import memctl_pb2 as pb
 from .v1 import memctl_pb2_grpc as pb_grpc
 from .worker import WorkerSession
@@ -149,6 +157,13 @@ class Client(ClientBase):
             memory_limit="none" if memory_limit is None else str(memory_limit),
         )
         return WorkerSession(self, self._stub, hello, report_rss=report_rss, timeout=timeout)
+
+    def events(self, *, limit: int = 0, scope: str = "", after_id: int = 0) -> list[EventRecord]:
+        """The service's recent events, oldest first (``limit`` 0: all it keeps)."""
+        request = pb.EventsRequest(limit=limit, scope=scope, after_id=after_id)
+        with rpc_errors(self.address):
+            response = self._stub.Events(request, timeout=self.timeout, metadata=self.metadata)
+        return [EventRecord.from_pb(event) for event in response.events]
 
     def close(self) -> None:
         self._channel.close()

@@ -175,3 +175,39 @@ class Status:
             "service": {k: v for k, v in asdict(self).items() if k != "scopes"},
             "scopes": [asdict(scope) for scope in self.scopes],
         }
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One event of the service's log: a spill burst, pause, resume, terminate,
+    restart or trim, with its reason and the readings at the time."""
+
+    id: int
+    time: float
+    kind: str
+    scope: str
+    reason: str
+    #: process, managed, unmanaged, unmanaged_recent, spilled; None if not measured.
+    readings: dict[str, int] | None
+    details: dict[str, str]
+
+    @classmethod
+    def from_pb(cls, event: pb.Event) -> EventRecord:
+        r = event.readings
+        return cls(
+            id=event.id,
+            time=event.time,
+            kind=_enum_name(pb.EventKind, event.kind, "EVENT_KIND_"),
+            scope=event.scope,
+            reason=event.reason,
+            readings={
+                "process": r.process,
+                "managed": r.managed,
+                "unmanaged": r.unmanaged,
+                "unmanaged_recent": r.unmanaged_recent,
+                "spilled": r.spilled,
+            }
+            if event.HasField("readings")
+            else None,
+            details=dict(event.details),
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import shutil
 import signal
@@ -33,6 +34,7 @@ from .core import MemoryService, ServiceSettings
 from .engine import EngineSettings, Thresholds
 from .errors import MemctlError
 from .limits import resolve_memory_limit, total_memory_with_source
+from .metrics import MetricsError, start_metrics
 from .monitor import Monitor
 from .nanny import Nanny
 from .service import MemctlServicer
@@ -149,10 +151,13 @@ async def serve(config: Config) -> int:
     settings = settings_from_config(config)
     try:
         core = MemoryService(settings)
-    except MemctlError as exc:
+        metrics = start_metrics(core, config.metrics)
+    except (MemctlError, MetricsError) as exc:
         shutil.rmtree(settings.spill_directory, ignore_errors=True)
         raise StartupError(str(exc)) from exc
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
+    )
     health_servicer = health.aio.HealthServicer()
     bound_socket: Path | None = None
     nanny: Nanny | None = None
@@ -225,6 +230,8 @@ async def serve(config: Config) -> int:
     finally:
         for task in background:
             task.cancel()
+        if metrics is not None:
+            metrics.shutdown()
         core.close()
         shutil.rmtree(settings.spill_directory, ignore_errors=True)
         if bound_socket is not None:
@@ -233,13 +240,34 @@ async def serve(config: Config) -> int:
     return 0
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; events add their fields (scope, reason, readings)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def run(config: Config) -> int:
     """Blocking entry point for ``memctl serve``."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log.format)
     try:
         return asyncio.run(serve(config))
     except StartupError as exc:

@@ -54,7 +54,9 @@ class Event:
 class EventLog:
     def __init__(self, capacity: int = CAPACITY):
         self.recent: deque[Event] = deque(maxlen=capacity)
-        self.counts: Counter[EventKind] = Counter()
+        #: Events so far, by kind and scope; bytes given back by trims, by scope.
+        self.counts: Counter[tuple[EventKind, str]] = Counter()
+        self.trimmed_bytes: Counter[str] = Counter()
         self._ids = itertools.count(1)
 
     def record(
@@ -75,7 +77,11 @@ class EventLog:
             {k: str(v) for k, v in details.items()},
         )
         self.recent.append(event)
-        self.counts[kind] += 1
+        self.counts[kind, scope] += 1
+        if kind == "trim":
+            before, after = details.get("rss_before", 0), details.get("rss_after", 0)
+            assert isinstance(before, int) and isinstance(after, int)
+            self.trimmed_bytes[scope] += max(before - after, 0)
         level = logging.WARNING if kind in ("pause", "terminate") else logging.INFO
         # Text logs read "pause scope='w': reason"; JSON logs get every field.
         logger.log(level, "%s scope=%r: %s", kind, scope, reason, extra={"fields": event.fields()})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Container, Iterable, MutableMapping, Sized
 from typing import Any, Literal, cast
 
 from .errors import FailedPrecondition
-from .store import ManualEvictProto, SpillFailed, Value, nbytes
+from .store import ManualEvictProto, SpillCounters, SpillFailed, Value, nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class ForeignStore:
         self.target = target
         self.sizes: dict[str, int] = {}
         self.total = 0
+        self._evicted = [0, 0]
         self.can_spill = isinstance(mapping, ManualEvictProto)
         if not self.can_spill:
             logger.warning(
@@ -114,7 +115,16 @@ class ForeignStore:
         return f"the configured store {type(self.mapping).__name__} decides"
 
     def _evict_one(self) -> int:
-        return cast(ManualEvictProto, self.mapping).evict()
+        size = cast(ManualEvictProto, self.mapping).evict()
+        if size > 0:
+            self._evicted[0] += size
+            self._evicted[1] += 1
+        return size
+
+    @property
+    def counters(self) -> SpillCounters:
+        """What evict() reported moving; reads back are the mapping's own business."""
+        return SpillCounters(spilled_bytes=self._evicted[0], spilled_values=self._evicted[1])
 
     def evict_bytes(self, wanted: float, moved: list[int]) -> None:
         if not self.can_spill:

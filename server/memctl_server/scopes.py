@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, ParamSpec, Protocol, TypeVar
 
@@ -24,7 +24,7 @@ from memctl.sizes import format_bytes
 from .engine import ScopeMemo, Thresholds
 from .errors import NotFound, ResourceExhausted
 from .readings import MemoryReadings, UnmanagedHistory
-from .store import SpillFailed, Value
+from .store import SpillCounters, SpillFailed, Value
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -49,6 +49,8 @@ class ScopeStore(Protocol):
     def keys_in_memory(self) -> int: ...
     @property
     def keys_on_disk(self) -> int: ...
+    @property
+    def counters(self) -> SpillCounters: ...
     def disk_room(self) -> float: ...
     def describe_disk(self) -> str: ...
     def evict_bytes(self, wanted: float, moved: list[int]) -> None: ...
@@ -70,6 +72,7 @@ class StoreSizes:
     spilled: int = 0
     keys_in_memory: int = 0
     keys_on_disk: int = 0
+    counters: SpillCounters = field(default_factory=SpillCounters)
 
 
 def publishes(method: Callable[P, R]) -> Callable[P, R]:
@@ -89,7 +92,11 @@ def publishes(method: Callable[P, R]) -> Callable[P, R]:
         finally:
             data = scope.data
             scope.sizes = StoreSizes(
-                data.managed, data.spilled, data.keys_in_memory, data.keys_on_disk
+                data.managed,
+                data.spilled,
+                data.keys_in_memory,
+                data.keys_on_disk,
+                data.counters,
             )
 
     return wrapper

@@ -26,9 +26,11 @@ import logging
 import math
 import os
 import shutil
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -57,6 +59,20 @@ class ManualEvictProto(Protocol):
 
     def evict(self) -> int:
         """Move the least recently used value to disk; its size, or -1 on failure."""
+
+
+@dataclass(frozen=True)
+class SpillCounters:
+    """Cumulative disk traffic of one store, for the metrics."""
+
+    #: In-RAM bytes and values moved to disk.
+    spilled_bytes: int = 0
+    spilled_values: int = 0
+    #: Bytes and values read back from disk.
+    read_bytes: int = 0
+    read_values: int = 0
+    #: Seconds spent compressing and writing spilled values.
+    spill_seconds: float = 0.0
 
 
 class MaxSpillExceeded(Exception):
@@ -217,8 +233,16 @@ class Slow(zict.Func[str, Value, Any]):
         self.budget = budget
         self.weight_by_key: dict[str, int] = {}
         self.total_weight = 0
+        self.seconds = 0.0
 
     def __setitem__(self, key: str, value: Value) -> None:
+        started = time.perf_counter()
+        try:
+            self._write(key, value)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _write(self, key: str, value: Value) -> None:
         frames: list[Value] = self.dump(value)
         size = sum(nbytes(f) for f in frames)
         growth = size - self.weight_by_key.get(key, 0)
@@ -263,9 +287,31 @@ class SpillBuffer(zict.Buffer[str, Value]):
             slow=Slow(directory, budget=budget, compression=compression),
             n=target,
             weight=lambda _key, value: nbytes(value),
+            fast_to_slow_callbacks=[self._count_spill],
+            slow_to_fast_callbacks=[self._count_read],
         )
         self.directory = directory
         self._failing: str | None = None
+        self._spilled = [0, 0]
+        self._read = [0, 0]
+
+    def _count_spill(self, _key: str, value: Value) -> None:
+        self._spilled[0] += nbytes(value)
+        self._spilled[1] += 1
+
+    def _count_read(self, _key: str, value: Value) -> None:
+        self._read[0] += nbytes(value)
+        self._read[1] += 1
+
+    @property
+    def counters(self) -> SpillCounters:
+        return SpillCounters(
+            spilled_bytes=self._spilled[0],
+            spilled_values=self._spilled[1],
+            read_bytes=self._read[0],
+            read_values=self._read[1],
+            spill_seconds=self.slow.seconds,
+        )
 
     @contextmanager
     def _handle_errors(self) -> Iterator[None]:
