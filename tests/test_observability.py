@@ -130,7 +130,7 @@ def test_prometheus_scrapes_what_status_says(
             assert puts and float(puts[0]["value"][1]) >= 6
 
 
-class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore[misc]
+class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
     """An in-process OTLP/gRPC metrics receiver (opentelemetry-proto's service)."""
 
     def __init__(self) -> None:
@@ -155,7 +155,9 @@ class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore
 def receiver() -> Iterator[tuple[Receiver, int]]:
     servicer = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        servicer, server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, port

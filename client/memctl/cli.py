@@ -8,21 +8,27 @@ Every command that talks to a daemon takes ``--address`` and honours
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import mmap
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.live import Live
 
 from . import __version__
 from ._base import DEFAULT_ADDRESS, DEFAULT_TIMEOUT
 from .client import Client
+from .dashboard import render_status, render_unreachable
 from .errors import MemctlError
+from .results import Status
 from .sizes import format_bytes, parse_bytes
 
 Handler = Callable[[argparse.Namespace], int]
@@ -152,6 +158,30 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    after = 0
+    with _client(args) as client:
+        while True:
+            for event in client.events(limit=args.limit, scope=args.scope, after_id=after):
+                after = event.id
+                if args.json:
+                    print(json.dumps(dataclasses.asdict(event)), flush=True)
+                    continue
+                when = time.strftime("%H:%M:%S", time.localtime(event.time))
+                readings = (
+                    f" (process {format_bytes(event.readings['process'])}, "
+                    f"managed {format_bytes(event.readings['managed'])})"
+                    if event.readings
+                    else ""
+                )
+                details = "".join(f" {k}={v}" for k, v in event.details.items())
+                print(f"{when} {event.kind:<9} {event.scope}: {event.reason}{readings}{details}")
+            if not args.follow:
+                return 0
+            sys.stdout.flush()
+            time.sleep(1.0)  # polling interval of --follow
+
+
 def cmd_trim(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.trim(workers=args.workers)
@@ -163,55 +193,71 @@ def cmd_trim(args: argparse.Namespace) -> int:
     return 0 if result.supported else 1
 
 
+def _status_console() -> Console:
+    """Colour and live redraws on a terminal (rich honours NO_COLOR); plain text,
+    200 columns wide (no wrapped rows), when piped."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)
+    return console
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.interval is not None and not args.watch:
+        raise UsageError("--interval goes with --watch")
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch draws the bars; --json prints one reading, not both")
+        interval = 1.0 if args.interval is None else args.interval
+        if not (interval > 0 and math.isfinite(interval)):
+            raise UsageError(f"--interval takes a number of seconds above 0; got {interval}")
+        return _watch_status(args, interval)
     with _client(args) as client:
         status = client.status()
     if args.json:
         print(json.dumps(status.to_dict()))
         return 0
-    console = Console(highlight=False)
-    if not console.is_terminal:  # piped: don't wrap rows at 80 columns
-        console = Console(highlight=False, width=200)
-    console.print(
-        f"memctl {status.version} (pid {status.pid}), up {status.uptime_seconds:.0f} s, "
-        f"host memory {format_bytes(status.total_memory)}, spilling to {status.spill_directory}"
-    )
-    table = Table(box=None, pad_edge=False)
-    for column in (
-        "scope",
-        "state",
-        "process",
-        "managed",
-        "unmanaged",
-        "recent",
-        "spilled",
-        "limit",
-        "in RAM",
-        "on disk",
-    ):
-        table.add_column(
-            column, justify="left" if column in ("scope", "state") else "right", no_wrap=True
+    _status_console().print(render_status(status))
+    return 0
+
+
+def _watch_status(args: argparse.Namespace, interval: float) -> int:
+    """Redraw the bars every ``interval`` seconds until Ctrl-C (exit 0). While the
+    daemon does not answer, its error replaces the header and the last readings
+    stay below it; the next answer puts the bars back."""
+    console = _status_console()
+    # A stopped daemon should show as an error within a few refreshes, not after 60 s.
+    timeout = min(args.timeout, max(5.0, 2 * interval))
+    last: Status | None = None
+    last_at = 0.0
+    with ExitStack() as stack:
+        client = stack.enter_context(Client(args.address, timeout=timeout))
+        # Piped: one reading after another rather than redraws.
+        live = (
+            stack.enter_context(Live(console=console, auto_refresh=False))
+            if console.is_interactive
+            else None
         )
-    for scope in status.scopes:
-        state = scope.state + (", spilling" if scope.spilling else "")
-        table.add_row(
-            scope.name,
-            state,
-            *(
-                format_bytes(n)
-                for n in (
-                    scope.process,
-                    scope.managed,
-                    scope.unmanaged,
-                    scope.unmanaged_recent,
-                    scope.spilled,
-                )
-            ),
-            format_bytes(scope.memory_limit) if scope.memory_limit else "none",
-            str(scope.keys_in_memory),
-            str(scope.keys_on_disk),
-        )
-    console.print(table)
+        try:
+            while True:
+                try:
+                    status = client.status()
+                except MemctlError as exc:
+                    age = time.monotonic() - last_at if last is not None else None
+                    screen = render_unreachable(f"memctl status: {exc}", last, age)
+                else:
+                    last, last_at = status, time.monotonic()
+                    clock = time.strftime("%H:%M:%S")
+                    screen = render_status(
+                        status, note=f"every {interval:g} s, last at {clock}; Ctrl-C to stop"
+                    )
+                if live is not None:
+                    live.update(screen, refresh=True)
+                else:
+                    console.print(screen, "")
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -282,8 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_flags(sub)
     sub.add_argument("--json", action="store_true", help="one JSON object")
 
-    sub = command("status", cmd_status, "show every scope's memory readings")
+    sub = command("status", cmd_status, "show every scope's memory bars and readings")
     sub.add_argument("--json", action="store_true", help="one JSON object, snake_case keys")
+    sub.add_argument("--watch", action="store_true", help="redraw the bars live until Ctrl-C")
+    sub.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --watch: seconds between readings (default 1)",
+    )
 
     sub = command("put", cmd_put, "store a file (or - for stdin) under KEY")
     sub.add_argument("key")
@@ -307,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("delete", cmd_delete, "remove values")
     sub.add_argument("keys", nargs="+")
+
+    sub = command(
+        "events", cmd_events, "recent spills, pauses, resumes, terminations, restarts, trims"
+    )
+    sub.add_argument("--scope", default="", help="only this scope (service or a worker id)")
+    sub.add_argument("--limit", type=int, default=0, help="only the most recent N")
+    sub.add_argument("--follow", action="store_true", help="keep printing new events")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sub = command("trim", cmd_trim, "ask the daemon to give free memory back to the OS")
     sub.add_argument("--workers", action="store_true", help="also ask attached workers")

@@ -1,14 +1,16 @@
 """The memory bars of ``memctl status``: Dask's dashboard, drawn with rich.
 
 Pure rendering: a ``Status`` goes in, rich renderables come out; printing (and
-``--watch``'s redrawing) is the CLI's business. Per scope, three lines::
+``--watch``'s redrawing) is the CLI's business. Per scope (here 92 columns wide)::
 
-    w1       paused  pid 4242  process 58.00 MiB  managed 1.00 MiB  ...  limit 40.00 MiB (145%)
-             ████████▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▒▒▒▒▒▒▒▒▒▒▒▒▒▒▒▒▒▒  ░ spilled 1.00 MiB
-                                          t    s    p      k |  keys: 0 in RAM, 1 on disk
+    w  paused, spilling  process 58.71 MiB  managed 0 B  unmanaged 54.06 MiB  recent 4.65 MiB
+       limit 40.00 MiB (147%)
+       ▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▓▒▒▒▒  ░ spilled 1.00 MiB
+                            t  s   p    k |                  keys: 0 in RAM, 1 on disk  pid 1991
 
 The first line starts with the scope's name and carries its state and readings
-(``format_bytes`` units). The bar stacks managed (█), unmanaged (▓) and unmanaged
+(``format_bytes`` units), flowed onto more lines, between readings, when the
+console is narrow. The bar stacks managed (█), unmanaged (▓) and unmanaged
 recent (▒) up to process memory, against the memory limit: the bar's width is the
 limit, or process memory when that is larger or there is no limit (then ``|``
 marks the limit). Under it, a letter marks each threshold that is on: t target,
@@ -114,9 +116,10 @@ def bar_layout(scope: ScopeStatus, width: int) -> BarLayout:
     if scope.process > 0 and edge_process == 0 and width > 0:
         # Too small to round to a cell: one cell, to the largest part, so it shows.
         edge_process = 1
-        largest = max(scope.managed, scope.unmanaged, scope.unmanaged_recent)
-        edge_managed = 1 if scope.managed == largest else 0
-        edge_unmanaged = 1 if scope.managed + scope.unmanaged >= largest else 0
+        sizes = (scope.managed, scope.unmanaged, scope.unmanaged_recent)
+        largest = sizes.index(max(sizes))  # 0 managed, 1 unmanaged, 2 recent
+        edge_managed = int(largest == 0)
+        edge_unmanaged = int(largest <= 1)
     spilled = _cells(scope.spilled, scale, width)
     if scope.spilled > 0:
         spilled = max(spilled, 1)  # on disk, however little: visible
@@ -237,7 +240,7 @@ def tick_line(scope: ScopeStatus, layout: BarLayout) -> Text:
             cells[column] = mark
         marks = "".join(cells)
     else:
-        marks = "no memory limit: thresholds off".ljust(layout.width)[: layout.width]
+        marks = "no limit".ljust(layout.width)[: layout.width]
     text = Text(no_wrap=True, overflow="crop")
     text.append(marks, style="dim")
     text.append(GAP)
@@ -289,48 +292,43 @@ class Bars:
             return
         glyphs = ASCII if options.ascii_only else UNICODE
         name_width = min(max(len(s.name) for s in self.scopes), MAX_NAME)
-        indent = name_width + len(GAP)
-        body = max(options.max_width - indent, 1)
-        beside = max(
-            len(GAP) + max(len(spilled_label(s)) + SPILL_CELLS + 2, len(keys_label(s)))
-            for s in self.scopes
+        body = max(options.max_width - name_width - len(GAP), 1)
+        beside = len(GAP) + max(
+            max(len(spilled_label(s)) + SPILL_CELLS + 2, len(keys_label(s))) for s in self.scopes
         )
         width = min(max(body - beside, MIN_BAR), MAX_BAR)
         for scope in self.scopes:
-            yield from self._scope_lines(console, scope, glyphs, name_width, body, width)
-
-    @staticmethod
-    def _scope_lines(
-        console: Console,
-        scope: ScopeStatus,
-        glyphs: Glyphs,
-        name_width: int,
-        body: int,
-        width: int,
-    ) -> Iterator[Text]:
-        name = Text(scope.name, style="bold")
-        name.truncate(name_width, overflow="ellipsis", pad=True)
-        pad = Text(" " * (name_width + len(GAP)))
-        layout = bar_layout(scope, width)
-        first = True
-        for line in readings(scope).wrap(console, body):
-            yield Text.assemble(name, GAP, line) if first else Text.assemble(pad, line)
-            first = False
-        yield Text.assemble(pad, bar_line(scope, layout, glyphs), no_wrap=True, overflow="crop")
-        yield Text.assemble(pad, tick_line(scope, layout), no_wrap=True, overflow="crop")
+            yield from scope_lines(scope, name_width, body, width, glyphs)
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         return Measurement(options.max_width, options.max_width)
 
 
+def scope_lines(
+    scope: ScopeStatus, name_width: int, body: int, width: int, glyphs: Glyphs = UNICODE
+) -> Iterator[Text]:
+    """One scope: its name and readings (flowed into ``body`` cells), its bar
+    ``width`` cells wide, and the ticks under it."""
+    name = Text(scope.name, style="bold")
+    name.truncate(name_width, overflow="ellipsis")
+    name.pad_right(name_width - name.cell_len)
+    pad = " " * (name_width + len(GAP))
+    layout = bar_layout(scope, width)
+    for number, line in enumerate(_flow(reading_parts(scope), body)):
+        yield Text.assemble(name if number == 0 else pad, GAP if number == 0 else "", line)
+    yield Text.assemble(pad, bar_line(scope, layout, glyphs), no_wrap=True, overflow="crop")
+    yield Text.assemble(pad, tick_line(scope, layout), no_wrap=True, overflow="crop")
+
+
 class _Legend:
-    """The legend, in the glyphs the console can show."""
+    """The legend, in the glyphs the console can show, flowed to its width."""
 
     def __init__(self, scopes: Sequence[ScopeStatus]):
         self.scopes = list(scopes)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield legend(self.scopes, ASCII if options.ascii_only else UNICODE)
+        glyphs = ASCII if options.ascii_only else UNICODE
+        yield from _flow(legend_parts(self.scopes, glyphs), options.max_width)
 
 
 def render_status(status: Status, *, note: str | None = None) -> RenderableType:
@@ -343,9 +341,11 @@ def render_status(status: Status, *, note: str | None = None) -> RenderableType:
     return Group(*parts)
 
 
-def render_unreachable(error: str, last: Status | None, age_seconds: float | None) -> RenderableType:
+def render_unreachable(
+    error: str, last: Status | None, age_seconds: float | None
+) -> RenderableType:
     """``--watch`` while the daemon does not answer: the error, then the last
-    readings (if any) marked as stale."""
+    readings (if any), marked as such."""
     parts: list[RenderableType] = [Text(error, style="bold red")]
     if last is None:
         parts.append(Text("retrying…", style="dim"))
