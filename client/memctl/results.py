@@ -22,8 +22,30 @@ def location_name(value: int) -> Location:
     return "unknown"
 
 
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix).lower()
+def enum_name(enum: Any, value: int, prefix: str) -> str:
+    """``SCOPE_STATE_PAUSED`` -> ``paused``; ``unknown(N)`` for a value newer than us."""
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return f"unknown({value})"
+
+
+def thresholds_dict(t: pb.Thresholds) -> dict[str, float | Literal[False]]:
+    """Thresholds as the configuration spells them: a fraction, or False for off."""
+    return {
+        name: getattr(t, name) if t.HasField(name) else False
+        for name in ("target", "spill", "pause", "terminate")
+    }
+
+
+def readings_dict(r: pb.MemoryReadings) -> dict[str, int]:
+    return {
+        "process": r.process,
+        "managed": r.managed,
+        "unmanaged": r.unmanaged,
+        "unmanaged_recent": r.unmanaged_recent,
+        "spilled": r.spilled,
+    }
 
 
 @dataclass(frozen=True)
@@ -95,11 +117,10 @@ class ScopeStatus:
     @classmethod
     def from_pb(cls, scope: pb.ScopeStatus) -> ScopeStatus:
         r = scope.readings
-        t = scope.thresholds
         return cls(
             name=scope.name,
-            kind=_enum_name(pb.ScopeKind, scope.kind, "SCOPE_KIND_"),
-            state=_enum_name(pb.ScopeState, scope.state, "SCOPE_STATE_"),
+            kind=enum_name(pb.ScopeKind, scope.kind, "SCOPE_KIND_"),
+            state=enum_name(pb.ScopeState, scope.state, "SCOPE_STATE_"),
             spilling=scope.spilling,
             process=r.process,
             managed=r.managed,
@@ -107,10 +128,7 @@ class ScopeStatus:
             unmanaged_recent=r.unmanaged_recent,
             spilled=r.spilled,
             memory_limit=scope.memory_limit or None,
-            thresholds={
-                name: getattr(t, name) if t.HasField(name) else False
-                for name in ("target", "spill", "pause", "terminate")
-            },
+            thresholds=thresholds_dict(scope.thresholds),
             keys_in_memory=scope.keys_in_memory,
             keys_on_disk=scope.keys_on_disk,
             pid=scope.pid,
@@ -193,21 +211,12 @@ class EventRecord:
 
     @classmethod
     def from_pb(cls, event: pb.Event) -> EventRecord:
-        r = event.readings
         return cls(
             id=event.id,
             time=event.time,
-            kind=_enum_name(pb.EventKind, event.kind, "EVENT_KIND_"),
+            kind=enum_name(pb.EventKind, event.kind, "EVENT_KIND_"),
             scope=event.scope,
             reason=event.reason,
-            readings={
-                "process": r.process,
-                "managed": r.managed,
-                "unmanaged": r.unmanaged,
-                "unmanaged_recent": r.unmanaged_recent,
-                "spilled": r.spilled,
-            }
-            if event.HasField("readings")
-            else None,
+            readings=readings_dict(event.readings) if event.HasField("readings") else None,
             details=dict(event.details),
         )

@@ -46,6 +46,7 @@ import psutil
 
 from .errors import MemctlError, ServiceUnavailable, translate
 from .protocol import SESSION_METADATA_KEY
+from .results import enum_name, readings_dict, thresholds_dict
 from .trim import trim
 from .v1 import memctl_pb2 as pb
 
@@ -82,21 +83,6 @@ Metadata = tuple[tuple[str, str], ...]
 _Item = pb.AttachRequest | float | None
 
 
-def _thresholds(thresholds: pb.Thresholds) -> dict[str, float | Literal[False]]:
-    return {
-        name: getattr(thresholds, name) if thresholds.HasField(name) else False
-        for name in ("target", "spill", "pause", "terminate")
-    }
-
-
-def _command_type(value: int) -> str:
-    try:
-        name: str = pb.CommandType.Name(pb.CommandType.ValueType(value))
-    except ValueError:  # a type newer than this client
-        return f"unknown({value})"
-    return name.removeprefix("COMMAND_TYPE_").lower()
-
-
 @dataclass(frozen=True)
 class Command:
     """A command from the service, with the reason and the readings behind it."""
@@ -114,18 +100,11 @@ class Command:
 
     @classmethod
     def from_pb(cls, command: pb.Command, received_at: float | None = None) -> Command:
-        r = command.readings
         return cls(
             id=command.command_id,
-            type=_command_type(command.type),
+            type=enum_name(pb.CommandType, command.type, "COMMAND_TYPE_"),
             reason=command.reason,
-            readings={
-                "process": r.process,
-                "managed": r.managed,
-                "unmanaged": r.unmanaged,
-                "unmanaged_recent": r.unmanaged_recent,
-                "spilled": r.spilled,
-            },
+            readings=readings_dict(command.readings),
             memory_limit=command.memory_limit or None,
             received_at=time.monotonic() if received_at is None else received_at,
         )
@@ -149,7 +128,7 @@ class SessionInfo:
         return cls(
             session_id=session.session_id,
             memory_limit=session.memory_limit or None,
-            thresholds=_thresholds(session.thresholds),
+            thresholds=thresholds_dict(session.thresholds),
             heartbeat_interval=session.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_INTERVAL,
             keys_kept=session.keys_kept,
         )

@@ -26,18 +26,15 @@ from .engine import Thresholds
 from .errors import InvalidArgument, MemctlError
 from .events import Event
 from .readings import MemoryReadings
-from .scopes import KeyInfo, Scope, ScopeKind, ScopeState
+from .scopes import KeyInfo, Scope
 
 logger = logging.getLogger(__name__)
 
-_LOCATION = {"memory": pb.LOCATION_MEMORY, "disk": pb.LOCATION_DISK}
-_KIND = {ScopeKind.SERVICE: pb.SCOPE_KIND_SERVICE, ScopeKind.WORKER: pb.SCOPE_KIND_WORKER}
-_STATE = {
-    ScopeState.RUNNING: pb.SCOPE_STATE_RUNNING,
-    ScopeState.PAUSED: pb.SCOPE_STATE_PAUSED,
-    ScopeState.TERMINATING: pb.SCOPE_STATE_TERMINATING,
-    ScopeState.DETACHED: pb.SCOPE_STATE_DETACHED,
-}
+
+def enum_value(enum: Any, prefix: str, name: str) -> Any:
+    """``(ScopeState, "SCOPE_STATE_", "paused")`` -> ``SCOPE_STATE_PAUSED``: the domain's
+    names are the contract's, lower-cased."""
+    return enum.Value(prefix + name.upper())
 
 
 @asynccontextmanager
@@ -78,8 +75,8 @@ def scope_status_pb(snap: ScopeSnapshot) -> pb.ScopeStatus:
     scope = snap.scope
     return pb.ScopeStatus(
         name=scope.name,
-        kind=_KIND[scope.kind],
-        state=_STATE[scope.state],
+        kind=enum_value(pb.ScopeKind, "SCOPE_KIND_", scope.kind.value),
+        state=enum_value(pb.ScopeState, "SCOPE_STATE_", scope.state.value),
         spilling=scope.spilling,
         readings=readings_pb(snap.readings),
         memory_limit=scope.memory_limit or 0,
@@ -94,17 +91,9 @@ def key_info_pb(info: KeyInfo) -> pb.KeyInfo:
     return pb.KeyInfo(
         key=info.key,
         size=info.size,
-        location=_LOCATION[info.location],
+        location=enum_value(pb.Location, "LOCATION_", info.location),
         metadata_size=info.metadata_size,
     )
-
-
-_COMMAND_TYPE = {
-    "pause": pb.COMMAND_TYPE_PAUSE,
-    "resume": pb.COMMAND_TYPE_RESUME,
-    "terminate": pb.COMMAND_TYPE_TERMINATE,
-    "trim": pb.COMMAND_TYPE_TRIM,
-}
 
 
 def readings_pb(r: MemoryReadings) -> pb.MemoryReadings:
@@ -120,28 +109,18 @@ def readings_pb(r: MemoryReadings) -> pb.MemoryReadings:
 def command_pb(command: Command) -> pb.Command:
     return pb.Command(
         command_id=command.id,
-        type=_COMMAND_TYPE[command.type],
+        type=enum_value(pb.CommandType, "COMMAND_TYPE_", command.type),
         reason=command.reason,
         readings=readings_pb(command.readings) if command.readings else None,
         memory_limit=command.memory_limit or 0,
     )
 
 
-_EVENT_KIND = {
-    "spill": pb.EVENT_KIND_SPILL,
-    "pause": pb.EVENT_KIND_PAUSE,
-    "resume": pb.EVENT_KIND_RESUME,
-    "terminate": pb.EVENT_KIND_TERMINATE,
-    "restart": pb.EVENT_KIND_RESTART,
-    "trim": pb.EVENT_KIND_TRIM,
-}
-
-
 def event_pb(event: Event) -> pb.Event:
     return pb.Event(
         id=event.id,
         time=event.time,
-        kind=_EVENT_KIND[event.kind],
+        kind=enum_value(pb.EventKind, "EVENT_KIND_", event.kind),
         scope=event.scope,
         reason=event.reason,
         readings=readings_pb(event.readings) if event.readings else None,
@@ -201,7 +180,11 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     f"{header.size} declared bytes. Nothing was stored"
                 )
             location = await self.core.put(scope, header.key, value, header.metadata)
-            return pb.PutResponse(key=header.key, size=header.size, location=_LOCATION[location])
+            return pb.PutResponse(
+                key=header.key,
+                size=header.size,
+                location=enum_value(pb.Location, "LOCATION_", location),
+            )
         raise AssertionError("unreachable: abort raises")
 
     async def Get(
@@ -212,7 +195,10 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         size = memoryview(value).nbytes
         yield pb.GetResponse(
             header=pb.GetHeader(
-                key=request.key, size=size, metadata=metadata, location=_LOCATION[location]
+                key=request.key,
+                size=size,
+                metadata=metadata,
+                location=enum_value(pb.Location, "LOCATION_", location),
             )
         )
         for chunk in _chunks(value):
