@@ -55,17 +55,22 @@ def _is_false(value: object) -> bool:
     return value is False or (isinstance(value, str) and value.strip().lower() == "false")
 
 
+def _number(value: object) -> float | None:
+    """A number given as a number or as text; None for anything else (booleans too)."""
+    if not isinstance(value, bool) and isinstance(value, str | int | float):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _fraction(value: object) -> Threshold:
     if _is_false(value):
         return False
-    if not isinstance(value, bool) and isinstance(value, str | int | float):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-        else:
-            if 0 < number <= 1:
-                return number
+    number = _number(value)
+    if number is not None and 0 < number <= 1:
+        return number
     raise ValueError("is not allowed; use a fraction between 0 and 1, or false")
 
 
@@ -168,14 +173,9 @@ def _environ(value: object) -> dict[str, str]:
 
 
 def _margin(value: object) -> float:
-    if not isinstance(value, bool) and isinstance(value, str | int | float):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-        else:
-            if 0 <= number < 1:
-                return number
+    number = _number(value)
+    if number is not None and 0 <= number < 1:
+        return number
     raise ValueError("is not allowed; use a fraction of the limit from 0 to below 1, like 0.05")
 
 
