@@ -153,3 +153,26 @@ def test_async_client_and_mapping(daemon: Daemon) -> None:
         with pytest.raises(KeyError):
             del mapping["x"]
         assert dict(mapping.items()) == {"y": b"two"}
+
+
+def test_list_keys_pages_and_prefix(daemon: Daemon) -> None:
+    import grpc
+
+    from memctl.v1 import memctl_pb2 as pb
+    from memctl.v1 import memctl_pb2_grpc as pb_grpc
+
+    with Client(daemon.address) as client:
+        for key in ("b/2", "a/1", "b/1", "c", "b/3"):
+            client.put(key, key.encode())
+        assert [i.key for i in client.list_keys()] == ["a/1", "b/1", "b/2", "b/3", "c"]
+        assert [i.key for i in client.list_keys("b/")] == ["b/1", "b/2", "b/3"]
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = pb_grpc.MemctlServiceStub(channel)
+        pages, token = [], ""
+        while True:
+            page = stub.ListKeys(pb.ListKeysRequest(page_size=2, page_token=token), timeout=10)
+            pages.append([info.key for info in page.keys])
+            token = page.next_page_token
+            if not token:
+                break
+    assert pages == [["a/1", "b/1"], ["b/2", "b/3"], ["c"]]
