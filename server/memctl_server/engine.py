@@ -81,41 +81,34 @@ class ScopeMemo:
 
 
 @dataclass(frozen=True)
-class Spill:
+class _Decision:
+    """What to do about a scope, why, and the readings that made it so."""
+
     scope: str
+    reason: str
+    readings: MemoryReadings
+
+
+@dataclass(frozen=True)
+class Spill(_Decision):
+    #: In-RAM bytes of the scope's least recently used values to move to disk.
     nbytes: int
-    reason: str
-    readings: MemoryReadings
 
 
-@dataclass(frozen=True)
-class Pause:
-    scope: str
-    reason: str
-    readings: MemoryReadings
+class Pause(_Decision):
+    pass
 
 
-@dataclass(frozen=True)
-class Resume:
-    scope: str
-    reason: str
-    readings: MemoryReadings
+class Resume(_Decision):
+    pass
 
 
-@dataclass(frozen=True)
-class Terminate:
-    scope: str
-    reason: str
-    readings: MemoryReadings
+class Terminate(_Decision):
+    pass
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(_Decision):
     """Something a person should know, said once: the monitor logs it."""
-
-    scope: str
-    reason: str
-    readings: MemoryReadings
 
 
 Decision = Spill | Pause | Resume | Terminate | Report
@@ -162,7 +155,9 @@ def decide(
             )
     stuck_reported = memo.stuck_reported if spilling else False
     if wanted > 0 and scope.can_spill and r.managed > 0:
-        decisions.append(Spill(scope.name, min(wanted, r.managed), "; ".join(spill_reasons), r))
+        decisions.append(
+            Spill(scope.name, "; ".join(spill_reasons), r, nbytes=min(wanted, r.managed))
+        )
     elif spilling and not stuck_reported:
         stuck_reported = True
         decisions.append(
