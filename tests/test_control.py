@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,16 +44,23 @@ class GrowerProcess:
             text=True,
             env=env,
         )
-        self.selector = selectors.DefaultSelector()
-        assert self.process.stdout is not None
-        self.selector.register(self.process.stdout, selectors.EVENT_READ)
+        # A thread reads lines as they come: select() on the pipe would miss lines
+        # already in the reader's buffer when two arrive together.
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         self.commands: list[dict[str, Any]] = []
 
-    def event(self, timeout: float = 30) -> dict[str, Any]:
+    def _read(self) -> None:
         assert self.process.stdout is not None
-        if not self.selector.select(timeout):
-            raise AssertionError(f"no event from the worker within {timeout} s")
-        line = self.process.stdout.readline()
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # the worker exited
+
+    def event(self, timeout: float = 30) -> dict[str, Any]:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no event from the worker within {timeout} s") from None
         if not line:
             raise AssertionError(f"the worker exited ({self.process.wait()})")
         event: dict[str, Any] = json.loads(line)
