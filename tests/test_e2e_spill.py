@@ -176,3 +176,15 @@ def test_list_keys_pages_and_prefix(daemon: Daemon) -> None:
             if not token:
                 break
     assert pages == [["a/1", "b/1"], ["b/2", "b/3"], ["c"]]
+
+
+def test_mapping_of_an_attached_worker_sees_its_own_scope(daemon: Daemon) -> None:
+    with Client(daemon.address) as service_client:
+        service_client.put("service-key", b"s")
+        with Client(daemon.address) as worker, worker.attach("w"):
+            mapping = MemctlMapping(worker)
+            mapping["a"] = b"1"
+            mapping["b"] = b"2"
+            assert len(mapping) == 2 and sorted(mapping) == ["a", "b"]
+            assert "service-key" not in mapping
+        assert len(MemctlMapping(service_client)) == 1

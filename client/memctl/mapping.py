@@ -40,8 +40,8 @@ class MemctlMapping(MutableMapping[str, bytes]):
         return (info.key for info in self.client.list_keys())
 
     def __len__(self) -> int:
-        scope = self.client.status().scopes[0]
-        return scope.keys_in_memory + scope.keys_on_disk
+        # Counted by listing: the caller's scope may be a worker's, not the service's.
+        return sum(1 for _ in self.client.list_keys())
 
     def __repr__(self) -> str:
         return f"MemctlMapping({self.client.address!r})"
