@@ -30,7 +30,7 @@ from .errors import FailedPrecondition, InvalidArgument
 from .events import EventLog
 from .plugin import ForeignStore, load_factory
 from .readings import MemoryReadings
-from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, ScopeStore, target_bytes
+from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, ScopeStore, StoreSizes, target_bytes
 from .store import Compression, SpillBudget, SpillBuffer, Value
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class ServiceSettings:
 class ScopeSnapshot:
     scope: Scope
     readings: MemoryReadings
-    keys_in_memory: int
-    keys_on_disk: int
+    sizes: StoreSizes
 
 
 class MemoryService:
@@ -212,15 +211,17 @@ class MemoryService:
             return max(service_rss - workers, 0)
         return worker_rss(scope) + scope.managed
 
-    def snapshot(self) -> list[ScopeSnapshot]:
-        """Every scope's readings now, the service scope first."""
+    def snapshot(self, *, record: bool = False) -> list[ScopeSnapshot]:
+        """Every scope's readings now, the service scope first.
+
+        ``record``: the monitor's tick, whose samples feed "unmanaged" (Status and
+        metrics only look).
+        """
         now, rss = time.monotonic(), self.rss()
+        read = Scope.record if record else Scope.readings
         return [
             ScopeSnapshot(
-                scope,
-                scope.readings(process=self.process_memory(scope, rss), now=now),
-                scope.sizes.keys_in_memory,
-                scope.sizes.keys_on_disk,
+                scope, read(scope, process=self.process_memory(scope, rss), now=now), scope.sizes
             )
             for scope in list(self.scopes.values())
         ]

@@ -56,17 +56,16 @@ class Monitor:
             await asyncio.sleep(self.interval)
 
     async def tick(self) -> None:
-        now, rss = time.monotonic(), self.core.rss()
-        for scope in list(self.core.scopes.values()):
-            readings = scope.record(process=self.core.process_memory(scope, rss), now=now)
-            is_worker = scope.kind is ScopeKind.WORKER
+        now = time.monotonic()
+        for snap in self.core.snapshot(record=True):
+            scope = snap.scope
             scope_input = ScopeInput(
                 name=scope.name,
                 memory_limit=scope.memory_limit,
                 thresholds=scope.thresholds,
-                readings=readings,
+                readings=snap.readings,
                 commandable=scope.attached,
-                is_worker=is_worker,
+                is_worker=scope.kind is ScopeKind.WORKER,
                 supervised=scope.supervised,
                 can_spill=scope.data.can_spill,
             )

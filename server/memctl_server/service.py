@@ -81,8 +81,8 @@ def scope_status_pb(snap: ScopeSnapshot) -> pb.ScopeStatus:
         readings=readings_pb(snap.readings),
         memory_limit=scope.memory_limit or 0,
         thresholds=thresholds_pb(scope.thresholds),
-        keys_in_memory=snap.keys_in_memory,
-        keys_on_disk=snap.keys_on_disk,
+        keys_in_memory=snap.sizes.keys_in_memory,
+        keys_on_disk=snap.sizes.keys_on_disk,
         pid=scope.pid,
     )
 
