@@ -230,6 +230,12 @@ def test_otlp_export_names_units_attributes(
     for name, unit in units.items():
         assert name in metrics, name
         assert metrics[name].unit == unit, name
+    # One export is one snapshot: its readings add up, as Status's do.
+    parts = [
+        points(metrics[f"memctl.memory.{name}"])[0].as_int
+        for name in ("managed", "unmanaged", "unmanaged_recent", "process")
+    ]
+    assert parts[0] + parts[1] + parts[2] == parts[3]
     (managed,) = points(metrics["memctl.memory.managed"])
     assert attributes(managed) == {"memctl.scope": "service"}
     assert managed.as_int == expected.managed == 8 * MiB

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import operator
 import os
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -151,12 +154,37 @@ def start_metrics(
     return metrics
 
 
+class CollectionSnapshot:
+    """One ``core.snapshot()`` per collection, shared by every instrument's callback.
+
+    The SDK calls each callback on its own, back to back; with a snapshot each, the
+    gauges of one scrape could disagree (managed + unmanaged + recent != process).
+    """
+
+    #: Shorter than any sensible export or scrape interval, longer than a collection.
+    FRESH_FOR = 0.5
+
+    def __init__(self, core: MemoryService):
+        self.core = core
+        self._lock = threading.Lock()
+        self._taken = -math.inf
+        self._snapshot: list[ScopeSnapshot] = []
+
+    def __call__(self) -> list[ScopeSnapshot]:
+        with self._lock:  # Prometheus' HTTP thread and OTLP's export thread
+            now = time.monotonic()
+            if now - self._taken > self.FRESH_FOR:
+                self._snapshot, self._taken = self.core.snapshot(), now
+            return self._snapshot
+
+
 def _register(provider: MeterProvider, core: MemoryService, events: EventLog) -> None:
     meter = provider.get_meter("memctl", __version__)
+    snapshot = CollectionSnapshot(core)
 
     def per_scope(read: Callable[[ScopeSnapshot], int | float]) -> Callable[..., Any]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(read(snap), {SCOPE: snap.scope.name}) for snap in core.snapshot()]
+            return [Observation(read(snap), {SCOPE: snap.scope.name}) for snap in snapshot()]
 
         return callback
 
@@ -187,7 +215,7 @@ def _register(provider: MeterProvider, core: MemoryService, events: EventLog) ->
                 int(snap.scope.state is state),
                 {SCOPE: snap.scope.name, "memctl.scope.state": state.value},
             )
-            for snap in core.snapshot()
+            for snap in snapshot()
             for state in ScopeState
         ]
 
@@ -199,13 +227,7 @@ def _register(provider: MeterProvider, core: MemoryService, events: EventLog) ->
     )
 
     def store_counter(read: Callable[[SpillCounters], int | float]) -> Callable[..., Any]:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [
-                Observation(read(scope.sizes.counters), {SCOPE: scope.name})
-                for scope in list(core.scopes.values())
-            ]
-
-        return callback
+        return per_scope(lambda snap: read(snap.sizes.counters))
 
     for name, unit, read, description in (
         ("memctl.spill.bytes", "By", lambda c: c.spilled_bytes, "In-RAM bytes moved to disk"),
