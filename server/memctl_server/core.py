@@ -147,7 +147,8 @@ class MemoryService:
     # --- data plane -------------------------------------------------------------------
     async def check_put(self, scope: Scope, key: str, size: int, metadata: bytes) -> None:
         """Refuse a Put before any data arrives: bad key or metadata, or no room."""
-        problem = key_problem(key) or metadata_problem(metadata)
+        _check_key(key)
+        problem = metadata_problem(metadata)
         if problem:
             raise InvalidArgument(problem)
         await self._on_store_thread(scope.admit, size)
