@@ -91,6 +91,7 @@ def settings_from_config(config: Config) -> ServiceSettings:
         compression=resolve_compression(memory.spill_compression),
         monitor_interval=memory.monitor_interval,
         recent_to_old_time=memory.recent_to_old_time,
+        put_wait=memory.put_wait,
         store_factory=config.store.factory,
         store_kwargs=config.store.kwargs,
     )

@@ -27,3 +27,9 @@ class ResourceExhausted(MemctlError):
 
 class FailedPrecondition(MemctlError):
     code = "FAILED_PRECONDITION"
+
+
+class DataLoss(MemctlError):
+    """A stored value was found damaged (its spill file corrupt, truncated or gone)."""
+
+    code = "DATA_LOSS"
