@@ -213,21 +213,57 @@ def worth_compressing(kind: Compression, sample: Value) -> bool:
 
 
 class _Decoder(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
+    """Decodes a body piece by piece, never more than ``max_length`` bytes at a time
+    (a small compressed piece may hold a great deal of data)."""
+
+    @property
+    def needs_input(self) -> bool:
+        """False while output is pending from what was already given."""
+
+    def decode(self, raw: bytes, max_length: int) -> bytes: ...
 
 
 class _RawDecoder:
-    def decompress(self, data: bytes) -> bytes:
-        return data
+    needs_input = True
+
+    def decode(self, raw: bytes, max_length: int) -> bytes:
+        return raw
+
+
+class _Lz4Decoder:
+    def __init__(self) -> None:
+        import lz4.frame
+
+        self._decompressor = lz4.frame.LZ4FrameDecompressor()
+
+    @property
+    def needs_input(self) -> bool:
+        return bool(self._decompressor.needs_input)
+
+    def decode(self, raw: bytes, max_length: int) -> bytes:
+        return bytes(self._decompressor.decompress(raw, max_length))
+
+
+class _ZlibDecoder:
+    def __init__(self) -> None:
+        self._decompressor = zlib.decompressobj()
+        self._tail = b""
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._tail
+
+    def decode(self, raw: bytes, max_length: int) -> bytes:
+        out = self._decompressor.decompress(self._tail + raw, max_length)
+        self._tail = self._decompressor.unconsumed_tail
+        return out
 
 
 def _decoder(kind: Compression) -> _Decoder:
     if kind == "lz4":
-        import lz4.frame
-
-        return lz4.frame.LZ4FrameDecompressor()  # type: ignore[no-any-return]
+        return _Lz4Decoder()
     if kind == "zlib":
-        return zlib.decompressobj()
+        return _ZlibDecoder()
     return _RawDecoder()
 
 
@@ -369,29 +405,24 @@ class SpillReader:
     def _damaged(self, what: str) -> SpillFileDamaged:
         return SpillFileDamaged(f"the spill file of {self.key!r} is {what}")
 
-    def read(self, max_body: int = READ_SIZE) -> bytes:
-        """The next decoded piece of the value; ``b""`` once it is whole and checked."""
+    def read(self, max_length: int = READ_SIZE) -> bytes:
+        """The next decoded piece of the value (at most ``max_length`` bytes); ``b""``
+        once it is whole and checked."""
         while not self._done:
-            try:
-                raw = self._file.read(min(max_body, self._body_left)) if self._body_left else b""
-            except OSError as exc:
-                raise self._damaged(f"unreadable ({exc})") from None
-            self._body_left -= len(raw)
-            if not raw:
-                if self._body_left:
+            raw = b""
+            if self._decoder.needs_input:
+                if not self._body_left:
+                    self._finish()
+                    return b""
+                try:
+                    raw = self._file.read(min(max_length, self._body_left))
+                except OSError as exc:
+                    raise self._damaged(f"unreadable ({exc})") from None
+                if not raw:
                     raise self._damaged("truncated")
-                self._done = True
-                if self._size != self.header.size:
-                    raise self._damaged(
-                        f"truncated or corrupt ({self._size} of {self.header.size} bytes decoded)"
-                    )
-                if self._crc != self.header.crc:
-                    raise self._damaged("corrupt (its checksum does not match)")
-                if self._file.read(1):
-                    raise self._damaged("longer than its header says")
-                return b""
+                self._body_left -= len(raw)
             try:
-                piece = self._decoder.decompress(raw)
+                piece = self._decoder.decode(raw, max_length)
             except Exception as exc:  # lz4's RuntimeError, zlib's error: undecodable
                 raise self._damaged(f"undecodable ({type(exc).__name__}: {exc})") from None
             self._size += len(piece)
@@ -401,6 +432,18 @@ class SpillReader:
             if piece:
                 return piece
         return b""
+
+    def _finish(self) -> None:
+        """The body is read: check that it was the whole value, unchanged."""
+        self._done = True
+        if self._size != self.header.size:
+            raise self._damaged(
+                f"truncated or corrupt ({self._size} of {self.header.size} bytes decoded)"
+            )
+        if self._crc != self.header.crc:
+            raise self._damaged("corrupt (its checksum does not match)")
+        if self._file.read(1):
+            raise self._damaged("longer than its header says")
 
     def read_all(self) -> bytearray:
         """The whole value, checked."""
