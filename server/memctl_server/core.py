@@ -30,6 +30,7 @@ from memctl.trim import trim
 from .engine import Thresholds
 from .errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from .events import EventLog
+from .persist import Journal, count_lost, find_values
 from .plugin import ForeignStore, load_factory
 from .readings import MemoryReadings
 from .scopes import (
@@ -69,6 +70,8 @@ class ServiceSettings:
     recent_to_old_time: float
     #: Seconds a Put may wait for room before RESOURCE_EXHAUSTED.
     put_wait: float = 5.0
+    #: Keep values across restarts (``spill_directory`` is then fixed, not temporary).
+    persist: bool = False
     #: "package.module:callable" for a user-supplied store, and its keyword arguments.
     store_factory: str | None = None
     store_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -94,10 +97,19 @@ class MemoryService:
             load_factory(settings.store_factory) if settings.store_factory else None
         )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="memctl-store")
+        self.journal: Journal | None = None
+        if settings.persist:
+            if self._store_factory is not None:
+                raise FailedPrecondition(
+                    "persist: true needs the built-in store; remove store.factory or persist"
+                )
+            self.journal = Journal(settings.spill_directory, self._live_values)
         self.service_scope = self._new_scope(
             SERVICE_SCOPE, ScopeKind.SERVICE, settings.memory_limit
         )
         self.scopes: dict[str, Scope] = {SERVICE_SCOPE: self.service_scope}
+        if self.journal is not None:
+            self._restore(self.journal)
         #: Session id -> worker scope name, valid as long as the scope exists.
         self.sessions: dict[str, str] = {}
         #: Set (and replaced) whenever room may have come back, for waiting Puts.
@@ -125,7 +137,65 @@ class MemoryService:
             thresholds=self.settings.thresholds,
             data=data,
             recent_to_old_time=self.settings.recent_to_old_time,
+            journal=self.journal,
         )
+
+    # --- persistence (persist: true) ----------------------------------------------------
+    def _restore(self, journal: Journal) -> None:
+        """Serve again what a previous daemon left on disk: the service's values, and
+        worker scopes kept (detached) for their workers to attach again."""
+        directory = self.settings.spill_directory
+        recovered = find_values(directory)
+        count_lost(recovered, journal)
+        now = time.monotonic()
+        for name, files in recovered.scopes.items():
+            scope = self.scopes.get(name)
+            if scope is None:
+                # A worker's limit comes with its next hello; until then none.
+                scope = self._new_scope(name, ScopeKind.WORKER, None)
+                scope.detached_since = now
+                self.scopes[name] = scope
+            scope.restore(files)
+        journal.rewrite(self._live_values())
+        total = sum(f.header.size for files in recovered.scopes.values() for f in files.values())
+        logger.info(
+            "Restored %d values (%s) in %d scopes from %s",
+            recovered.values,
+            format_bytes(total),
+            len(recovered.scopes),
+            directory,
+        )
+        if recovered.lost or recovered.damaged:
+            logger.error(
+                "%d values were lost: %d were only in RAM when the previous memctl stopped "
+                "without writing them to disk (killed or crashed), %d had damaged spill files",
+                recovered.lost + recovered.damaged,
+                recovered.lost,
+                recovered.damaged,
+            )
+
+    def _live_values(self) -> set[tuple[str, str]]:
+        """Every (scope, key) stored now (store thread, or before serving)."""
+        return {(scope.name, key) for scope in list(self.scopes.values()) for key in scope.entries}
+
+    async def write_all_to_disk(self) -> None:
+        """At shutdown with persist: move every value in RAM to disk, so the next start
+        serves them all; one log line for any that could not be written."""
+        unwritten = 0
+        for scope in list(self.scopes.values()):
+            result = await self._on_store_thread(scope.evict, everything=True)
+            if result.error:
+                unwritten += scope.sizes.keys_in_memory
+                logger.error("Scope %r: %s", scope.name, result.error)
+        if self.journal is not None:
+            await self._on_store_thread(self._close_journal, self.journal)
+        if unwritten:
+            logger.error("%d values could not be written to disk and are lost", unwritten)
+        logger.info("Every value is on disk in %s", self.settings.spill_directory)
+
+    def _close_journal(self, journal: Journal) -> None:
+        journal.rewrite(self._live_values())
+        journal.close()
 
     async def _on_store_thread(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()

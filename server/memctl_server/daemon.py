@@ -69,7 +69,11 @@ def settings_from_config(config: Config) -> ServiceSettings:
     root = Path(config.local_directory)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        spill_directory = Path(tempfile.mkdtemp(prefix="memctl-spill-", dir=root))
+        if config.persist:
+            spill_directory = root / "memctl-data"
+            spill_directory.mkdir(mode=0o700, exist_ok=True)
+        else:
+            spill_directory = Path(tempfile.mkdtemp(prefix="memctl-spill-", dir=root))
     except OSError as exc:
         raise StartupError(
             f"cannot create a spill directory in {root}: {exc.strerror}; "
@@ -92,6 +96,7 @@ def settings_from_config(config: Config) -> ServiceSettings:
         monitor_interval=memory.monitor_interval,
         recent_to_old_time=memory.recent_to_old_time,
         put_wait=memory.put_wait,
+        persist=config.persist,
         store_factory=config.store.factory,
         store_kwargs=config.store.kwargs,
     )
@@ -154,7 +159,8 @@ async def serve(config: Config) -> int:
         core = MemoryService(settings)
         metrics = start_metrics(core, config.metrics)
     except (MemctlError, MetricsError) as exc:
-        shutil.rmtree(settings.spill_directory, ignore_errors=True)
+        if not settings.persist:
+            shutil.rmtree(settings.spill_directory, ignore_errors=True)
         raise StartupError(str(exc)) from exc
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
@@ -228,13 +234,16 @@ async def serve(config: Config) -> int:
         if nanny is not None:
             await nanny.stop()
         await server.stop(DRAIN_GRACE)
+        if settings.persist:
+            await core.write_all_to_disk()
     finally:
         for task in background:
             task.cancel()
         if metrics is not None:
             metrics.shutdown()
         core.close()
-        shutil.rmtree(settings.spill_directory, ignore_errors=True)
+        if not settings.persist:
+            shutil.rmtree(settings.spill_directory, ignore_errors=True)
         if bound_socket is not None:
             bound_socket.unlink(missing_ok=True)
     logger.info("memctl stopped")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, ParamSpec, Protocol, TypeVar
@@ -23,9 +23,10 @@ from memctl.sizes import format_bytes
 
 from .engine import ScopeMemo, Thresholds
 from .errors import DataLoss, NotFound, ResourceExhausted
+from .persist import FoundFile, Journal
 from .readings import MemoryReadings, UnmanagedHistory
 from .spillfile import SpillFileDamaged, SpillReader, SpillWriter, checksum
-from .store import Record, SpillCounters, SpillFailed, Value
+from .store import OnDisk, Record, SpillBuffer, SpillCounters, SpillFailed, Value
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -175,8 +176,11 @@ class Scope:
         thresholds: Thresholds,
         data: ScopeStore,
         recent_to_old_time: float,
+        journal: Journal | None = None,
     ):
         self.name = name
+        #: With ``persist: true``, records every value stored and removed.
+        self.journal = journal
         self.kind = kind
         self.memory_limit = memory_limit
         self.thresholds = thresholds
@@ -301,7 +305,7 @@ class Scope:
     def put(self, key: str, data: Value, crc: int, metadata: bytes) -> Route:
         """Store a whole value, replacing any old one; where it went."""
         self.data[key] = Record(data, crc, metadata)
-        self.entries[key] = Entry(memoryview(data).nbytes, metadata, crc)
+        self._stored(key, Entry(memoryview(data).nbytes, metadata, crc))
         location = self.data.location(key)
         assert location is not None
         return location
@@ -314,7 +318,27 @@ class Scope:
     def adopt(self, key: str, writer: SpillWriter, metadata: bytes) -> None:
         """Make a fully streamed value visible; SpillFailed if the disk refuses it."""
         self.data.adopt(key, writer)
-        self.entries[key] = Entry(writer.size, metadata, writer.crc)
+        self._stored(key, Entry(writer.size, metadata, writer.crc))
+
+    def _stored(self, key: str, entry: Entry) -> None:
+        if self.journal is not None:
+            self.journal.added(self.name, key, new=key not in self.entries)
+        self.entries[key] = entry
+
+    def _removed(self, key: str) -> None:
+        del self.data[key]
+        del self.entries[key]
+        if self.journal is not None:
+            self.journal.removed(self.name, key)
+
+    @publishes
+    def restore(self, files: Mapping[str, FoundFile]) -> None:
+        """Take back the values a previous daemon left on disk (``persist: true``)."""
+        assert isinstance(self.data, SpillBuffer), "persist needs the built-in store"
+        for key, found in files.items():
+            self.data.slow.adopt(key, OnDisk(found.path, found.disk_size, found.header))
+            header = found.header
+            self.entries[key] = Entry(header.size, header.metadata, header.crc)
 
     @publishes
     def read(self, key: str) -> ValueRead:
@@ -340,8 +364,7 @@ class Scope:
     def lose(self, key: str, what: str, spill_file: str | None) -> DataLoss:
         """Drop a value found damaged (if ``spill_file`` still holds it); the error to raise."""
         if key in self.entries and self.data.spill_file(key) == spill_file:
-            del self.data[key]
-            del self.entries[key]
+            self._removed(key)
         return DataLoss(
             f"the value of {key!r} in scope {self.name!r} is lost: {what}. It has been "
             "removed; put it again"
@@ -386,7 +409,6 @@ class Scope:
         deleted = 0
         for key in dict.fromkeys(keys):
             if self.data.location(key) is not None:
-                del self.data[key]
-                del self.entries[key]
+                self._removed(key)
                 deleted += 1
         return deleted
