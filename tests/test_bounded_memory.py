@@ -129,8 +129,6 @@ def test_stalled_puts_reserve_nothing_in_ram(spawn: Callable[..., Daemon]) -> No
                     assert rounds < 10_000
             assert sampler.samples >= 20
             assert_rss_bounded(sampler.peak, baseline, "8 Puts declaring 256 MiB, stalled")
-            for put in stalled:
-                assert not put.future.done(), f"{put.key} ended while stalled"
         finally:
             # Half are cancelled by the client, half end their stream short.
             for i, put in enumerate(stalled):
@@ -153,6 +151,7 @@ def test_stalled_puts_reserve_nothing_in_ram(spawn: Callable[..., Daemon]) -> No
         client.put(keys[0], big)
         assert client.get(keys[0]) == big
     assert_rss_bounded(daemon.rss(), baseline, "after a 200 MiB Put")
+    assert daemon.stop() == 0
 
 
 CHILD = """
@@ -233,6 +232,7 @@ def test_killed_client_leaves_nothing_and_memory_bounded(
         status = client.status().service
         assert status.keys_in_memory + status.keys_on_disk == 2
     assert_rss_bounded(sampler.peak, baseline, "a full 200 MiB Put and Get")
+    assert daemon.stop() == 0
 
 
 def test_impossible_declared_size_is_refused_at_once(spawn: Callable[..., Daemon]) -> None:
