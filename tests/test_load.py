@@ -28,7 +28,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 CLIENTS = 32
 #: Chosen so the test takes about a minute on two busy cores.
-OPS_PER_CLIENT = 450
+OPS_PER_CLIENT = 400
 MAX_SIZE = 8 * MiB
 #: No client may run longer than this; the loop then stops and the test fails.
 CLIENT_DEADLINE = 240.0
