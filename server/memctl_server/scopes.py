@@ -265,7 +265,10 @@ class Scope:
         limit, target = self.memory_limit, self.data.target
         disk_room = self.data.disk_room() if self.data.can_stream else 0.0
         on_disk = size + header_size
-        floor = min(self.managed, target) if self.data.can_spill and disk_room > 0 else self.managed
+        # What RAM will hold once LRU values over the target spill, as far as the disk
+        # can take them.
+        spillable = min(max(self.managed - target, 0), disk_room) if self.data.can_spill else 0
+        floor = self.managed - spillable
         ram_ok = size <= target and (limit is None or floor + self.incoming + size <= limit)
         if ram_ok:
             self.incoming += size
