@@ -44,7 +44,7 @@ from .scopes import (
     ValueRead,
     target_bytes,
 )
-from .spillfile import SpillFileDamaged, SpillReader, checksum, header_length
+from .spillfile import SpillFileDamaged, SpillReader, SpillWriter, checksum, header_length
 from .store import Compression, SpillBudget, SpillBuffer, SpillFailed, Value, nbytes
 
 logger = logging.getLogger(__name__)
@@ -315,9 +315,10 @@ class MemoryService:
     async def _stream_to_disk(
         self, scope: Scope, request: PutRequest, chunks: AsyncIterator[Value]
     ) -> None:
-        writer = await self._on_store_thread(scope.open_writer, request.key, request.metadata)
+        writer: SpillWriter | None = None
         committed = False
         try:
+            writer = await self._on_store_thread(scope.open_writer, request.key, request.metadata)
             received = 0
             async for chunk in chunks:
                 received = _check_chunk(request, received, chunk)
@@ -333,7 +334,7 @@ class MemoryService:
         except SpillFailed as exc:
             raise ResourceExhausted(f"Put of {request.key!r}: {exc}; nothing was stored") from None
         finally:
-            if not committed:
+            if writer is not None and not committed:
                 self._store_thread.submit(writer.abort)
 
     async def get(self, scope: Scope, key: str) -> ValueRead:
