@@ -30,7 +30,16 @@ from .errors import FailedPrecondition, InvalidArgument
 from .events import EventLog
 from .plugin import ForeignStore, load_factory
 from .readings import MemoryReadings
-from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, ScopeStore, StoreSizes, target_bytes
+from .scopes import (
+    EvictResult,
+    KeyInfo,
+    Scope,
+    ScopeKind,
+    ScopeState,
+    ScopeStore,
+    StoreSizes,
+    target_bytes,
+)
 from .store import Compression, SpillBudget, SpillBuffer, Value
 
 logger = logging.getLogger(__name__)
@@ -61,13 +70,21 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class ScopeSnapshot:
+    """One scope's readings at one moment. Readers off the event loop use ``scope``
+    only for what it publishes whole (``name``, ``state``, ``memory_limit``...)."""
+
     scope: Scope
     readings: MemoryReadings
     sizes: StoreSizes
 
 
 class MemoryService:
-    """Owns every scope and runs their operations on the store thread."""
+    """Owns every scope and runs their operations on the store thread.
+
+    The event loop alone changes ``scopes`` and ``sessions``; after each change it
+    publishes ``scope_list``, an immutable tuple that ``snapshot()`` (called from
+    metrics exporter threads too) iterates instead of the dict.
+    """
 
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
@@ -83,6 +100,8 @@ class MemoryService:
             SERVICE_SCOPE, ScopeKind.SERVICE, settings.memory_limit
         )
         self.scopes: dict[str, Scope] = {SERVICE_SCOPE: self.service_scope}
+        #: The scopes, service first; replaced whole whenever one is added or removed.
+        self.scope_list: tuple[Scope, ...] = (self.service_scope,)
         #: Session id -> worker scope name, valid as long as the scope exists.
         self.sessions: dict[str, str] = {}
 
@@ -132,6 +151,7 @@ class MemoryService:
         if scope is None:
             scope = self._new_scope(worker_id, ScopeKind.WORKER, memory_limit)
             self.scopes[worker_id] = scope
+            self.scope_list = tuple(self.scopes.values())
         elif scope.memory_limit != memory_limit:
             await self._on_store_thread(scope.set_memory_limit, memory_limit)
         self.sessions[session_id] = worker_id
@@ -140,6 +160,7 @@ class MemoryService:
     async def release_scope(self, scope: Scope) -> None:
         """Forget a worker scope and all its values (its retention time passed)."""
         self.scopes.pop(scope.name, None)
+        self.scope_list = tuple(self.scopes.values())
         for session_id in [s for s, name in self.sessions.items() if name == scope.name]:
             del self.sessions[session_id]
         await self._on_store_thread(scope.delete, list(scope.entries))
@@ -201,31 +222,34 @@ class MemoryService:
     def rss(self) -> int:
         return int(self.process.memory_info().rss)
 
-    def process_memory(self, scope: Scope, service_rss: int) -> int:
-        """What a scope costs the host (PRODUCT.md, "Readings").
-
-        Worker: its RSS (self-reported, else measured by PID) + its managed bytes held
-        here. Service: the service's RSS minus the worker scopes' managed bytes.
-        """
-        if scope.kind is ScopeKind.SERVICE:
-            workers = sum(s.managed for s in self.scopes.values() if s is not scope)
-            return max(service_rss - workers, 0)
-        return worker_rss(scope) + scope.managed
-
     def snapshot(self, *, record: bool = False) -> list[ScopeSnapshot]:
         """Every scope's readings now, the service scope first.
 
-        ``record``: the monitor's tick, whose samples feed "unmanaged" (Status and
-        metrics only look).
+        Any thread: touches only published data (``scope_list``, each scope's
+        ``sizes``). ``record`` (the monitor's tick, on the event loop) also feeds the
+        samples behind "unmanaged"; Status and metrics only look.
         """
         now, rss = time.monotonic(), self.rss()
-        read = Scope.record if record else Scope.readings
-        return [
-            ScopeSnapshot(
-                scope, read(scope, process=self.process_memory(scope, rss), now=now), scope.sizes
-            )
-            for scope in list(self.scopes.values())
-        ]
+        scopes, service = self.scope_list, self.service_scope
+        sizes = [scope.sizes for scope in scopes]
+        # What the host pays for a scope (PRODUCT.md, "Readings"). Worker: its RSS
+        # (self-reported, else measured by PID) + its managed bytes held here.
+        # Service: the service's RSS minus the worker scopes' managed bytes.
+        workers = sum(
+            size.managed for scope, size in zip(scopes, sizes, strict=True) if scope is not service
+        )
+        snapshots = []
+        for scope, size in zip(scopes, sizes, strict=True):
+            if scope is service:
+                process = max(rss - workers, 0)
+            else:
+                process = worker_rss(scope) + size.managed
+            if record:
+                readings = scope.record(process=process, sizes=size, now=now)
+            else:
+                readings = scope.readings(process=process, sizes=size)
+            snapshots.append(ScopeSnapshot(scope, readings, size))
+        return snapshots
 
     async def spill(self, scope: Scope, nbytes: int) -> EvictResult:
         """Move ``nbytes`` of the scope's least recently used values to disk."""
@@ -255,12 +279,13 @@ class MemoryService:
 
 def worker_rss(scope: Scope) -> int:
     """A worker's RSS: what it reports, else what its PID shows, else 0 (gone)."""
-    if scope.reported_rss is not None:
-        return scope.reported_rss
-    if not scope.attached or scope.pid <= 0:
+    reported, view = scope.reported_rss, scope.view
+    if reported is not None:
+        return reported
+    if view.state is ScopeState.DETACHED or view.pid <= 0:
         return 0
     try:
-        return int(psutil.Process(scope.pid).memory_info().rss)
+        return int(psutil.Process(view.pid).memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return 0
 
