@@ -154,14 +154,16 @@ def test_pause_resume_terminate_a_real_worker(
     assert worker.do("grow 0")["state"] == "terminating"
 
 
-def test_nanny_restarts_terminated_worker_and_its_data_survives(
-    spawn: Callable[..., Daemon], tmp_path: Path
-) -> None:
+def start_nanny_grower(
+    spawn: Callable[..., Daemon], tmp_path: Path, *args: str, **env: str
+) -> tuple[Daemon, Callable[[], list[dict[str, Any]]]]:
+    """A daemon supervising one scripted grower, and a reader of the grower's events."""
     events = tmp_path / "events.jsonl"
     daemon = spawn(
         "--worker",
         f"{sys.executable} {GROWER} --nanny",
-        env={"GROWER_EVENTS": str(events), "GROWER_LIMIT": "200MiB", "GROWER_VALUES": "5"},
+        *args,
+        env={"GROWER_EVENTS": str(events), "GROWER_LIMIT": "200MiB", "GROWER_VALUES": "5", **env},
     )
 
     def read() -> list[dict[str, Any]]:
@@ -169,19 +171,35 @@ def test_nanny_restarts_terminated_worker_and_its_data_survives(
             return []
         return [json.loads(line) for line in events.read_text().splitlines()]
 
+    return daemon, read
+
+
+def incarnations(log: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The grower's events, one list per process, in the order they started."""
+    pids = list(dict.fromkeys(e["pid"] for e in log))
+    return [[e for e in log if e["pid"] == pid] for pid in pids]
+
+
+def heard(events: list[dict[str, Any]]) -> list[str]:
+    """What one incarnation received: command types and "sigterm", in order."""
+    return [e.get("type") or e["event"] for e in events if e["event"] in ("command", "sigterm")]
+
+
+def test_nanny_restarts_terminated_worker_and_its_data_survives(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon, read = start_nanny_grower(spawn, tmp_path)
     wait_until(lambda: any(e["event"] == "checked" for e in read()), timeout=120)
-    log = read()
-    first_pid = log[0]["pid"]
-    first = [e for e in log if e["pid"] == first_pid]
+    first, second = incarnations(read())[:2]
     assert first[0]["event"] == "attached" and first[0]["kept"] == 0
-    kinds = [e.get("type") for e in first if e["event"] == "command"]
-    assert kinds[:1] == ["pause"]
-    # TERMINATE is sent just before SIGTERM, which may win the race to the worker;
-    # the reason is in the service's log either way.
+    # TERMINATE, with its reason, reaches the worker before SIGTERM does.
+    assert heard(first)[:1] == ["pause"] and heard(first)[-2:] == ["terminate", "sigterm"]
+    (terminate,) = [e for e in first if e.get("type") == "terminate"]
+    assert "terminate threshold (95% of 200.00 MiB" in terminate["reason"]
     assert "terminate scope='worker-0': process memory" in daemon.log()
-    assert "terminate threshold (95% of 200.00 MiB" in daemon.log()
+    assert "Worker 'worker-0' heard TERMINATE; sending SIGTERM" in daemon.log()
+    first_pid = first[0]["pid"]
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
-    second = [e for e in log if e["pid"] != first_pid]
     assert second[0]["event"] == "attached" and second[0]["kept"] == 5
     checked = next(e for e in second if e["event"] == "checked")
     assert checked["ok"] and checked["keys"] == 5  # byte-identical, by digest
@@ -189,6 +207,46 @@ def test_nanny_restarts_terminated_worker_and_its_data_survives(
         worker = scope(client, "worker-0")
         assert worker.pid == second[0]["pid"] and worker.state == "running"
     assert "sending SIGKILL" not in daemon.log()  # SIGTERM sufficed
+
+
+def test_pause_timeout_tells_the_worker_before_signalling_it(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon, read = start_nanny_grower(
+        spawn,
+        tmp_path,
+        "--set",
+        "memory.pause-timeout=1s",
+        GROWER_OBEY_PAUSE="1",  # stays paused, under the terminate line
+        GROWER_STEP="16MiB",
+    )
+    wait_until(lambda: any(e["event"] == "checked" for e in read()), timeout=120)
+    first = incarnations(read())[0]
+    assert heard(first) == ["pause", "terminate", "sigterm"]
+    (pause,) = [e for e in first if e.get("type") == "pause"]
+    (terminate,) = [e for e in first if e.get("type") == "terminate"]
+    assert "longer than memory.pause-timeout (1 s)" in terminate["reason"]
+    assert terminate["received"] - pause["received"] >= 1.0
+    assert "terminate threshold" not in daemon.log()
+    assert "Worker 'worker-0' heard TERMINATE; sending SIGTERM" in daemon.log()
+
+
+def test_terminate_notice_ends_when_a_worker_does_not_answer(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon, read = start_nanny_grower(
+        spawn, tmp_path, "--set", "nanny.terminate-notice=2s", GROWER_HANG_ON_TERMINATE="1"
+    )
+    wait_until(lambda: len(incarnations(read())) == 2, timeout=120)
+    first = incarnations(read())[0]
+    assert heard(first)[-2:] == ["terminate", "sigterm"]
+    (terminate,) = [e for e in first if e.get("type") == "terminate"]
+    (sigterm,) = [e for e in first if e["event"] == "sigterm"]
+    # Its handler never returns, so no answer: SIGTERM comes when the notice is up
+    # (counted from the moment it was sent, a little before it was received).
+    assert 1.5 <= sigterm["t"] - terminate["received"] < 5.0
+    assert "did not answer TERMINATE within 2 s; sending SIGTERM" in daemon.log()
+    assert "sending SIGKILL" not in daemon.log()
 
 
 def test_a_workers_values_spill_not_its_neighbours(daemon: Daemon) -> None:

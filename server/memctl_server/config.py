@@ -350,6 +350,9 @@ class NannyConfig(_Section):
     worker: _Command = None
     #: How many copies of the worker to run (``--nworkers``).
     nworkers: _PositiveInt = 1
+    #: How long a supervised worker has to act on TERMINATE before SIGTERM; it ends
+    #: early when the worker answers, exits or its stream ends. 0: signal at once.
+    terminate_notice: _Duration = 1.0
     #: Seconds between SIGTERM and SIGKILL when terminating a supervised worker.
     terminate_grace: _Interval = 5.0
 

@@ -10,7 +10,9 @@ after ``control.retention``.
 Signals: the service never signals a process it did not start, whatever PID a
 client claims. A session is *supervised* only when its worker id names a worker
 this service started (nanny mode) and its PID is that very process (or one of its
-children); only then does TERMINATE also mean SIGTERM, then SIGKILL.
+children); only then does TERMINATE also mean SIGTERM, then SIGKILL — after the
+worker has had ``nanny.terminate-notice`` to hear why (it answers the command, its
+process exits or its stream ends, whichever comes first).
 
 Not covered here: the stream's wire I/O (``service.py``), the rules deciding
 commands (``engine.py``), the processes themselves (``nanny.py``).
@@ -44,7 +46,7 @@ class Supervisor(Protocol):
     """What the control plane asks of the nanny (``nanny.Nanny``)."""
 
     def owns(self, worker_id: str, pid: int) -> bool: ...
-    async def terminate(self, worker_id: str, reason: str) -> None: ...
+    async def terminate(self, worker_id: str, reason: str, heard: asyncio.Event) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ class Command:
     reason: str
     readings: MemoryReadings | None
     memory_limit: int | None
+
+
+@dataclass
+class Sent:
+    """A command sent and not yet answered."""
+
+    type: str
+    #: Set when the worker answers it, or its stream ends: it will hear no more.
+    heard: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -72,8 +83,8 @@ class Session:
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
     #: Who holds this worker paused: "own" (its scope) and/or "service".
     paused_by: set[str] = field(default_factory=set)
-    #: Commands sent and not yet answered: id -> type.
-    pending: dict[int, str] = field(default_factory=dict)
+    #: Commands sent and not yet answered, by id.
+    pending: dict[int, Sent] = field(default_factory=dict)
 
 
 class ControlPlane:
@@ -150,6 +161,8 @@ class ControlPlane:
 
     def detach(self, session: Session, why: str) -> None:
         """The stream ended: keep the scope and its data for ``retention``."""
+        for sent in session.pending.values():
+            sent.heard.set()  # nothing more will reach the worker on this stream
         if self.attached.get(session.worker_id) is not session:
             return
         del self.attached[session.worker_id]
@@ -184,17 +197,21 @@ class ControlPlane:
 
     def _send(
         self, session: Session, kind: str, reason: str, readings: MemoryReadings | None
-    ) -> Command:
+    ) -> Sent:
         command = Command(
             next(self._command_ids), kind, reason, readings, session.scope.memory_limit
         )
         session.outbox.put_nowait(command)
-        session.pending[command.id] = kind
-        return command
+        sent = session.pending[command.id] = Sent(kind)
+        return sent
 
     def answered(self, session: Session, command_id: int) -> str | None:
         """The type of the command a worker answered, or None if it was not ours."""
-        return session.pending.pop(command_id, None)
+        sent = session.pending.pop(command_id, None)
+        if sent is None:
+            return None
+        sent.heard.set()
+        return sent.type
 
     def _targets(self, scope_name: str) -> list[Session]:
         if scope_name == SERVICE_SCOPE:
@@ -220,13 +237,14 @@ class ControlPlane:
                     self._send(session, "resume", reason, readings)
 
     async def terminate(self, scope_name: str, reason: str, readings: MemoryReadings) -> None:
-        """TERMINATE the worker; a supervised one is also killed and restarted."""
+        """TERMINATE the worker; a supervised one is also killed and restarted, once it
+        has heard the command (or had ``nanny.terminate-notice`` to)."""
         session = self.attached.get(scope_name)
         if session is None:
             return
-        self._send(session, "terminate", reason, readings)
+        sent = self._send(session, "terminate", reason, readings)
         if session.scope.supervised and self.supervisor is not None:
-            await self.supervisor.terminate(scope_name, reason)
+            await self.supervisor.terminate(scope_name, reason, sent.heard)
 
     def shutdown(self) -> None:
         """End every Attach stream, so draining does not wait on them."""
