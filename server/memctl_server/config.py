@@ -329,7 +329,8 @@ class ControlConfig(_Section):
 
     #: How often attached workers send a heartbeat.
     heartbeat_interval: _Interval = 1.0
-    #: A worker silent this long is detached; its data is kept.
+    #: A worker silent this long is detached (its data kept), unless its process is
+    #: alive on this host: a held thread delays heartbeats, not the process.
     heartbeat_timeout: _Interval = 10.0
     #: How long a detached worker's data is kept for it to re-attach.
     retention: _Duration = 3600.0

@@ -3,9 +3,11 @@
 A worker says hello (worker id, pid, nthreads, memory limit); it gets a session and
 a scope of its own. From then on the service sends PAUSE, RESUME, TERMINATE and
 TRIM with the reason and the readings behind them, and expects heartbeats. A worker
-whose stream breaks or whose heartbeats stop is detached: its data is **kept**
-(unlike Dask), handed back when it re-attaches with the same id, and released only
-after ``control.retention``.
+whose stream breaks is detached at once; one whose heartbeats stop only if the
+service cannot see its process (``alive_without_heartbeats``): a worker thread held
+for seconds (one large ``mmap(MAP_POPULATE)``) delays heartbeats, not the process.
+A detached worker's data is **kept** (unlike Dask), handed back when it re-attaches
+with the same id, and released only after ``control.retention``.
 
 Signals: the service never signals a process it did not start, whatever PID a
 client claims. A session is *supervised* only when its worker id names a worker
@@ -27,6 +29,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import psutil
 
 from memctl.protocol import SERVICE_SCOPE
 
@@ -85,6 +89,34 @@ class Session:
     paused_by: set[str] = field(default_factory=set)
     #: Commands sent and not yet answered, by id.
     pending: dict[int, Sent] = field(default_factory=dict)
+    #: The hello's process's start time, if this service can see that process.
+    started: float | None = None
+    #: A heartbeat carried the worker's own RSS: it lives where its PID means nothing here.
+    reports_rss: bool = False
+    #: Silent past the heartbeat timeout, and kept because its process is alive.
+    silent: bool = False
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started, if this service can see it alive; else None."""
+    if pid <= 0:
+        return None
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def alive_without_heartbeats(pid: int, started: float | None, reports_rss: bool) -> bool:
+    """Whether a silent worker is still known alive: its process, seen here at hello,
+    is still running (not a zombie, not another process that reused the PID).
+
+    Heartbeats decide only for workers the service cannot see: a PID not visible or
+    not alive here, or a worker that reports its own RSS (another PID namespace,
+    where its PID names some other process here).
+    """
+    return not reports_rss and started is not None and process_started(pid) == started
 
 
 class ControlPlane:
@@ -142,6 +174,7 @@ class ControlPlane:
         session = Session(
             session_id, worker_id, pid, nthreads, scope, len(scope.entries) if kept else 0
         )
+        session.started = process_started(pid)
         self.attached[worker_id] = session
         if self.service_paused:
             session.paused_by.add("service")
@@ -158,6 +191,33 @@ class ControlPlane:
 
     def heartbeat(self, session: Session, rss: int | None) -> None:
         session.scope.reported_rss = rss
+        session.reports_rss = session.reports_rss or rss is not None
+        if session.silent:
+            session.silent = False
+            logger.info("Worker %r sends heartbeats again", session.worker_id)
+
+    def silence(self, session: Session, silent_for: float) -> str | None:
+        """Why to detach a worker not heard from for ``silent_for`` seconds, or None to
+        keep it (not silent long enough, or its process is alive here)."""
+        if silent_for < self.heartbeat_timeout:
+            return None
+        if alive_without_heartbeats(session.pid, session.started, session.reports_rss):
+            if not session.silent:
+                session.silent = True
+                logger.warning(
+                    "Worker %r sent no heartbeat for %.0f s, but its process (pid %d) is "
+                    "alive: it stays attached",
+                    session.worker_id,
+                    silent_for,
+                    session.pid,
+                )
+            return None
+        why = (
+            "it reports its own RSS, so its process is not watched here"
+            if session.reports_rss
+            else f"pid {session.pid} is not a live process this service can see"
+        )
+        return f"no heartbeat for {silent_for:.0f} s; {why}"
 
     def detach(self, session: Session, why: str) -> None:
         """The stream ended: keep the scope and its data for ``retention``."""
