@@ -229,7 +229,7 @@ def test_pause_timeout_tells_the_worker_before_signalling_it(
     (pause,) = [e for e in first if e.get("type") == "pause"]
     (terminate,) = [e for e in first if e.get("type") == "terminate"]
     assert "longer than memory.pause-timeout (1 s)" in terminate["reason"]
-    assert terminate["received"] - pause["received"] >= 1.0
+    assert terminate["received"] - pause["received"] > 0.8  # 1 s, give or take delivery
     assert "terminate threshold" not in daemon.log()
     assert "Worker 'worker-0' heard TERMINATE; sending SIGTERM" in daemon.log()
 

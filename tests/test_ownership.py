@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from memctl.protocol import SERVICE_SCOPE
 from memctl_server.core import MemoryService, ServiceSettings
 from memctl_server.engine import Thresholds
+from memctl_server.metrics import _register
 
 MiB = 1 << 20
 #: Scopes the event loop opens and releases while the reader reads.
@@ -45,7 +48,12 @@ def core(tmp_path: Path) -> Iterator[MemoryService]:
     service.close()
 
 
-def test_readers_never_see_the_event_loop_mid_change(core: MemoryService) -> None:
+def test_readers_never_see_the_event_loop_mid_change(
+    core: MemoryService, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = InMemoryMetricReader()  # the SDK's collection path, as an exporter runs it
+    provider = MeterProvider(metric_readers=[metrics])
+    _register(provider, core, core.events)
     errors: list[BaseException] = []
     reads = 0
     stop = threading.Event()
@@ -64,6 +72,8 @@ def test_readers_never_see_the_event_loop_mid_change(core: MemoryService) -> Non
                     assert count >= 1
                 for _scope, trimmed in core.events.trimmed_bytes.items():
                     assert trimmed >= 0
+                if reads % 50 == 0:
+                    assert metrics.get_metrics_data() is not None
                 reads += 1
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
@@ -91,9 +101,13 @@ def test_readers_never_see_the_event_loop_mid_change(core: MemoryService) -> Non
         stop.set()
         thread.join()
         sys.setswitchinterval(interval)
+        provider.shutdown()
     assert not errors, "shared state changed under a reader:\n" + "".join(
         traceback.format_exception(errors[0])
     )
     assert reads > 0
+    # The SDK logs a failing instrument callback instead of raising it.
+    failed = [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
+    assert not failed, failed[0]
     names = {snap.scope.name for snap in core.snapshot()}
     assert len(names) == 1 + CHURN // 2  # the even ones are still open

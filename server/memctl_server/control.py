@@ -167,10 +167,12 @@ class ControlPlane:
         scope, kept = await self.core.open_worker_scope(worker_id, limit, session_id)
         if worker_id in self.attached:  # raced with another hello while awaiting
             raise FailedPrecondition(f"worker id {worker_id!r} is already attached")
-        scope.attached, scope.detached_since = True, None
+        # Attached last: each assignment publishes the scope's view, and no reader
+        # should see the new session with the old one's memo (say, terminating).
+        scope.memo = ScopeMemo()  # a new session starts running
         scope.pid, scope.reported_rss = pid, None
         scope.supervised = self.supervisor is not None and self.supervisor.owns(worker_id, pid)
-        scope.memo = ScopeMemo()  # a new session starts running
+        scope.attached, scope.detached_since = True, None
         session = Session(
             session_id, worker_id, pid, nthreads, scope, len(scope.entries) if kept else 0
         )
@@ -239,7 +241,7 @@ class ControlPlane:
 
     async def release_expired(self, now: float) -> None:
         """Release detached scopes whose retention has passed."""
-        for scope in list(self.core.scopes.values()):
+        for scope in self.core.scope_list:
             since = scope.detached_since
             if since is not None and not scope.attached and now - since >= self.retention:
                 logger.info(
