@@ -52,6 +52,7 @@ def test_defaults() -> None:
     assert cfg.memory.max_spill is False
     assert cfg.memory.spill_compression == "auto"
     assert cfg.nanny.environ == {"MALLOC_TRIM_THRESHOLD_": "65536"}
+    assert cfg.nanny.terminate_notice == 1.0
     assert loaded.sources == dict.fromkeys(CONFIG_KEYS, "default")
 
 
@@ -252,6 +253,13 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_recent_to_old_time_may_be_zero() -> None:
     memory = load_config(environ={}, overrides={"memory.recent-to-old-time": "0s"}).config.memory
     assert memory.recent_to_old_time == 0.0
+
+
+def test_terminate_notice_may_be_zero_never_negative() -> None:
+    nanny = load_config(environ={}, overrides={"nanny.terminate-notice": "0"}).config.nanny
+    assert nanny.terminate_notice == 0.0
+    with pytest.raises(ConfigError, match=r"nanny\.terminate-notice: '-1s'"):
+        load_config(environ={}, overrides={"nanny.terminate-notice": "-1s"})
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -25,10 +26,12 @@ from memctl import Client
 from memctl.errors import FailedPrecondition
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
+from memctl_server.control import alive_without_heartbeats, process_started
 from tests.conftest import Daemon, run_memctl, wait_until
 
 MiB = 1 << 20
 GROWER = Path(__file__).parent / "workers" / "grower.py"
+MUTE = Path(__file__).parent / "workers" / "mute.py"
 INTERVAL = 0.2  # the default memory.monitor-interval
 
 
@@ -154,14 +157,16 @@ def test_pause_resume_terminate_a_real_worker(
     assert worker.do("grow 0")["state"] == "terminating"
 
 
-def test_nanny_restarts_terminated_worker_and_its_data_survives(
-    spawn: Callable[..., Daemon], tmp_path: Path
-) -> None:
+def start_nanny_grower(
+    spawn: Callable[..., Daemon], tmp_path: Path, *args: str, **env: str
+) -> tuple[Daemon, Callable[[], list[dict[str, Any]]]]:
+    """A daemon supervising one scripted grower, and a reader of the grower's events."""
     events = tmp_path / "events.jsonl"
     daemon = spawn(
         "--worker",
         f"{sys.executable} {GROWER} --nanny",
-        env={"GROWER_EVENTS": str(events), "GROWER_LIMIT": "200MiB", "GROWER_VALUES": "5"},
+        *args,
+        env={"GROWER_EVENTS": str(events), "GROWER_LIMIT": "200MiB", "GROWER_VALUES": "5", **env},
     )
 
     def read() -> list[dict[str, Any]]:
@@ -169,19 +174,35 @@ def test_nanny_restarts_terminated_worker_and_its_data_survives(
             return []
         return [json.loads(line) for line in events.read_text().splitlines()]
 
+    return daemon, read
+
+
+def incarnations(log: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The grower's events, one list per process, in the order they started."""
+    pids = list(dict.fromkeys(e["pid"] for e in log))
+    return [[e for e in log if e["pid"] == pid] for pid in pids]
+
+
+def heard(events: list[dict[str, Any]]) -> list[str]:
+    """What one incarnation received: command types and "sigterm", in order."""
+    return [e.get("type") or e["event"] for e in events if e["event"] in ("command", "sigterm")]
+
+
+def test_nanny_restarts_terminated_worker_and_its_data_survives(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon, read = start_nanny_grower(spawn, tmp_path)
     wait_until(lambda: any(e["event"] == "checked" for e in read()), timeout=120)
-    log = read()
-    first_pid = log[0]["pid"]
-    first = [e for e in log if e["pid"] == first_pid]
+    first, second = incarnations(read())[:2]
     assert first[0]["event"] == "attached" and first[0]["kept"] == 0
-    kinds = [e.get("type") for e in first if e["event"] == "command"]
-    assert kinds[:1] == ["pause"]
-    # TERMINATE is sent just before SIGTERM, which may win the race to the worker;
-    # the reason is in the service's log either way.
+    # TERMINATE, with its reason, reaches the worker before SIGTERM does.
+    assert heard(first)[:1] == ["pause"] and heard(first)[-2:] == ["terminate", "sigterm"]
+    (terminate,) = [e for e in first if e.get("type") == "terminate"]
+    assert "terminate threshold (95% of 200.00 MiB" in terminate["reason"]
     assert "terminate scope='worker-0': process memory" in daemon.log()
-    assert "terminate threshold (95% of 200.00 MiB" in daemon.log()
+    assert "Worker 'worker-0' heard TERMINATE; sending SIGTERM" in daemon.log()
+    first_pid = first[0]["pid"]
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
-    second = [e for e in log if e["pid"] != first_pid]
     assert second[0]["event"] == "attached" and second[0]["kept"] == 5
     checked = next(e for e in second if e["event"] == "checked")
     assert checked["ok"] and checked["keys"] == 5  # byte-identical, by digest
@@ -189,6 +210,51 @@ def test_nanny_restarts_terminated_worker_and_its_data_survives(
         worker = scope(client, "worker-0")
         assert worker.pid == second[0]["pid"] and worker.state == "running"
     assert "sending SIGKILL" not in daemon.log()  # SIGTERM sufficed
+
+
+def test_pause_timeout_tells_the_worker_before_signalling_it(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon, read = start_nanny_grower(
+        spawn,
+        tmp_path,
+        "--set",
+        "memory.pause-timeout=1s",
+        GROWER_OBEY_PAUSE="1",  # stays paused, under the terminate line
+        GROWER_STEP="16MiB",
+    )
+    wait_until(lambda: any(e["event"] == "checked" for e in read()), timeout=120)
+    first = incarnations(read())[0]
+    assert heard(first) == ["pause", "terminate", "sigterm"]
+    (pause,) = [e for e in first if e.get("type") == "pause"]
+    (terminate,) = [e for e in first if e.get("type") == "terminate"]
+    assert "longer than memory.pause-timeout (1 s)" in terminate["reason"]
+    assert terminate["received"] - pause["received"] > 0.8  # 1 s, give or take delivery
+    assert "terminate threshold" not in daemon.log()
+    assert "Worker 'worker-0' heard TERMINATE; sending SIGTERM" in daemon.log()
+
+
+def test_terminate_notice_ends_when_a_worker_does_not_answer(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon, read = start_nanny_grower(
+        spawn,
+        tmp_path,
+        "--set",
+        "nanny.terminate-notice=2s",
+        GROWER_HANG_ON_TERMINATE="1",
+        GROWER_STEP="16MiB",
+    )
+    wait_until(lambda: len(incarnations(read())) == 2, timeout=120)
+    first = incarnations(read())[0]
+    assert heard(first)[-2:] == ["terminate", "sigterm"]
+    (terminate,) = [e for e in first if e.get("type") == "terminate"]
+    (sigterm,) = [e for e in first if e["event"] == "sigterm"]
+    # Its handler never returns, so no answer: SIGTERM comes when the notice is up
+    # (counted from the moment it was sent, a little before it was received).
+    assert 1.5 <= sigterm["t"] - terminate["received"] < 5.0
+    assert "did not answer TERMINATE within 2 s; sending SIGTERM" in daemon.log()
+    assert "sending SIGKILL" not in daemon.log()
 
 
 def test_a_workers_values_spill_not_its_neighbours(daemon: Daemon) -> None:
@@ -263,23 +329,107 @@ def test_duplicate_worker_id_is_refused(daemon: Daemon) -> None:
         two.attach("same")
 
 
-def test_silent_worker_is_detached(spawn: Callable[..., Daemon]) -> None:
+class MuteWorker:
+    """A worker process that attaches, then never sends a heartbeat (``workers/mute.py``)."""
+
+    def __init__(self, address: str, worker_id: str, pid: str, *flags: str):
+        self.process = subprocess.Popen(
+            [sys.executable, str(MUTE), address, worker_id, pid, *flags],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "attached\n"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def mutes() -> Iterator[Callable[..., MuteWorker]]:
+    started: list[MuteWorker] = []
+
+    def start(*args: str) -> MuteWorker:
+        started.append(MuteWorker(*args))
+        return started[-1]
+
+    yield start
+    for mute in started:
+        mute.close()
+
+
+def exited_pid() -> int:
+    """The PID of a process that has come and gone: no live process here has it."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_alive_without_heartbeats_means_the_same_live_process() -> None:
+    me = psutil.Process()
+    assert process_started(me.pid) == me.create_time()
+    assert alive_without_heartbeats(me.pid, me.create_time(), reports_rss=False)
+    # Its heartbeats carry its RSS: its PID may name another process here.
+    assert not alive_without_heartbeats(me.pid, me.create_time(), reports_rss=True)
+    # Not visible at hello; or the PID now names a process started later.
+    assert not alive_without_heartbeats(me.pid, None, reports_rss=False)
+    assert not alive_without_heartbeats(me.pid, me.create_time() - 1, reports_rss=False)
+    assert process_started(exited_pid()) is None and process_started(0) is None
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        started = process_started(child.pid)
+        assert started is not None
+        wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE)
+        assert not alive_without_heartbeats(child.pid, started, reports_rss=False)
+    finally:
+        child.wait()
+
+
+def test_silent_worker_whose_process_lives_stays_attached(
+    spawn: Callable[..., Daemon], mutes: Callable[..., MuteWorker]
+) -> None:
     daemon = spawn("--set", "control.heartbeat-timeout=1s")
-    with grpc.insecure_channel(daemon.address) as channel:
-        hello = pb.AttachRequest(hello=pb.Hello(worker_id="mute", pid=os.getpid(), nthreads=1))
-        requests: list[pb.AttachRequest] = [hello]
+    mute = mutes(daemon.address, "held", "self")
+    with Client(daemon.address) as client:
+        attached_at = client.status().uptime_seconds
+        assert scope(client, "held").pid == mute.process.pid
+        kept = f"but its process (pid {mute.process.pid}) is alive: it stays attached"
+        wait_until(lambda: kept in daemon.log())
+        later = attached_at + 5  # five heartbeat timeouts
+        wait_until(lambda: client.status().uptime_seconds > later)
+        assert scope(client, "held").state == "running"
+        assert "Worker 'held' detached" not in daemon.log()
+        # Its stream breaking still detaches it at once.
+        mute.close()
+        wait_until(lambda: scope(client, "held").state == "detached", timeout=10)
+    (detached,) = [line for line in daemon.log().splitlines() if "Worker 'held' detached" in line]
+    assert "stream" in detached and "heartbeat" not in detached  # broke, or ended with it
 
-        def stream() -> Iterator[pb.AttachRequest]:
-            yield from requests
-            time.sleep(30)  # says hello, then nothing: no heartbeats
 
-        responses = pb_grpc.MemctlServiceStub(channel).Attach(stream(), timeout=60)
-        first = next(responses)
-        assert first.session.session_id and first.session.heartbeat_interval_seconds == 1.0
-        with Client(daemon.address) as client:
-            wait_until(lambda: scope(client, "mute").state == "detached", timeout=15)
-        assert "no heartbeat for 1 s" in daemon.log()
-        responses.cancel()
+@pytest.mark.parametrize(
+    ("pid", "flags", "why"),
+    [
+        ("exited", (), r"pid \d+ is not a live process this service can see"),
+        ("self", ("--report-rss",), "it reports its own RSS"),
+    ],
+)
+def test_silent_worker_the_service_cannot_see_is_detached(
+    spawn: Callable[..., Daemon],
+    mutes: Callable[..., MuteWorker],
+    pid: str,
+    flags: tuple[str, ...],
+    why: str,
+) -> None:
+    daemon = spawn("--set", "control.heartbeat-timeout=1s")
+    mute = mutes(daemon.address, "mute", str(exited_pid()) if pid == "exited" else pid, *flags)
+    with Client(daemon.address) as client:
+        wait_until(lambda: scope(client, "mute").state == "detached", timeout=15)
+    assert mute.process.poll() is None  # alive all along
+    assert re.search(r"Worker 'mute' detached \(no heartbeat for \d+ s; " + why, daemon.log())
 
 
 def test_attach_errors(daemon: Daemon) -> None:

@@ -159,11 +159,13 @@ def test_readings_add_up_by_construction() -> None:
 
 def test_unmanaged_old_is_the_minimum_over_the_window() -> None:
     history = UnmanagedHistory(window=30)
+    assert history.old(90) == 90  # no samples yet: the current one
     history.add(0, 100)
     history.add(10, 40)
     history.add(20, 80)
-    assert history.old(20, 90) == 40
-    assert history.old(39, 90) == 40
-    assert history.old(41, 90) == 80  # the 40 is older than 30 s now
-    assert history.old(41, 60) == 60  # the current sample counts
-    assert history.old(100, 70) == 70  # nothing left in the window
+    assert history.old(90) == 40
+    assert history.old(30) == 30  # the current sample counts
+    history.add(41, 90)  # the 40 is older than 30 s now
+    assert history.old(100) == 80
+    history.add(100, 70)  # nothing else left in the window
+    assert history.old(90) == 70

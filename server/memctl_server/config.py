@@ -341,7 +341,8 @@ class ControlConfig(_Section):
 
     #: How often attached workers send a heartbeat.
     heartbeat_interval: _Interval = 1.0
-    #: A worker silent this long is detached; its data is kept.
+    #: A worker silent this long is detached (its data kept), unless its process is
+    #: alive on this host: a held thread delays heartbeats, not the process.
     heartbeat_timeout: _Interval = 10.0
     #: How long a detached worker's data is kept for it to re-attach.
     retention: _Duration = 3600.0
@@ -362,6 +363,9 @@ class NannyConfig(_Section):
     worker: _Command = None
     #: How many copies of the worker to run (``--nworkers``).
     nworkers: _PositiveInt = 1
+    #: How long a supervised worker has to act on TERMINATE before SIGTERM; it ends
+    #: early when the worker answers, exits or its stream ends. 0: signal at once.
+    terminate_notice: _Duration = 1.0
     #: Seconds between SIGTERM and SIGKILL when terminating a supervised worker.
     terminate_grace: _Interval = 5.0
 

@@ -3,14 +3,18 @@
 A worker says hello (worker id, pid, nthreads, memory limit); it gets a session and
 a scope of its own. From then on the service sends PAUSE, RESUME, TERMINATE and
 TRIM with the reason and the readings behind them, and expects heartbeats. A worker
-whose stream breaks or whose heartbeats stop is detached: its data is **kept**
-(unlike Dask), handed back when it re-attaches with the same id, and released only
-after ``control.retention``.
+whose stream breaks is detached at once; one whose heartbeats stop only if the
+service cannot see its process (``alive_without_heartbeats``): a worker thread held
+for seconds (one large ``mmap(MAP_POPULATE)``) delays heartbeats, not the process.
+A detached worker's data is **kept** (unlike Dask), handed back when it re-attaches
+with the same id, and released only after ``control.retention``.
 
 Signals: the service never signals a process it did not start, whatever PID a
 client claims. A session is *supervised* only when its worker id names a worker
 this service started (nanny mode) and its PID is that very process (or one of its
-children); only then does TERMINATE also mean SIGTERM, then SIGKILL.
+children); only then does TERMINATE also mean SIGTERM, then SIGKILL — after the
+worker has had ``nanny.terminate-notice`` to hear why (it answers the command, its
+process exits or its stream ends, whichever comes first).
 
 Not covered here: the stream's wire I/O (``service.py``), the rules deciding
 commands (``engine.py``), the processes themselves (``nanny.py``).
@@ -25,6 +29,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import psutil
 
 from memctl.protocol import SERVICE_SCOPE
 
@@ -44,7 +50,7 @@ class Supervisor(Protocol):
     """What the control plane asks of the nanny (``nanny.Nanny``)."""
 
     def owns(self, worker_id: str, pid: int) -> bool: ...
-    async def terminate(self, worker_id: str, reason: str) -> None: ...
+    async def terminate(self, worker_id: str, reason: str, heard: asyncio.Event) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,15 @@ class Command:
     reason: str
     readings: MemoryReadings | None
     memory_limit: int | None
+
+
+@dataclass
+class Sent:
+    """A command sent and not yet answered."""
+
+    type: str
+    #: Set when the worker answers it, or its stream ends: it will hear no more.
+    heard: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -72,8 +87,36 @@ class Session:
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
     #: Who holds this worker paused: "own" (its scope) and/or "service".
     paused_by: set[str] = field(default_factory=set)
-    #: Commands sent and not yet answered: id -> type.
-    pending: dict[int, str] = field(default_factory=dict)
+    #: Commands sent and not yet answered, by id.
+    pending: dict[int, Sent] = field(default_factory=dict)
+    #: The hello's process's start time, if this service can see that process.
+    started: float | None = None
+    #: A heartbeat carried the worker's own RSS: it lives where its PID means nothing here.
+    reports_rss: bool = False
+    #: Silent past the heartbeat timeout, and kept because its process is alive.
+    silent: bool = False
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started, if this service can see it alive; else None."""
+    if pid <= 0:
+        return None
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def alive_without_heartbeats(pid: int, started: float | None, reports_rss: bool) -> bool:
+    """Whether a silent worker is still known alive: its process, seen here at hello,
+    is still running (not a zombie, not another process that reused the PID).
+
+    Heartbeats decide only for workers the service cannot see: a PID not visible or
+    not alive here, or a worker that reports its own RSS (another PID namespace,
+    where its PID names some other process here).
+    """
+    return not reports_rss and started is not None and process_started(pid) == started
 
 
 class ControlPlane:
@@ -124,13 +167,16 @@ class ControlPlane:
         scope, kept = await self.core.open_worker_scope(worker_id, limit, session_id)
         if worker_id in self.attached:  # raced with another hello while awaiting
             raise FailedPrecondition(f"worker id {worker_id!r} is already attached")
-        scope.attached, scope.detached_since = True, None
+        # Attached last: each assignment publishes the scope's view, and no reader
+        # should see the new session with the old one's memo (say, terminating).
+        scope.memo = ScopeMemo()  # a new session starts running
         scope.pid, scope.reported_rss = pid, None
         scope.supervised = self.supervisor is not None and self.supervisor.owns(worker_id, pid)
-        scope.memo = ScopeMemo()  # a new session starts running
+        scope.attached, scope.detached_since = True, None
         session = Session(
             session_id, worker_id, pid, nthreads, scope, len(scope.entries) if kept else 0
         )
+        session.started = process_started(pid)
         self.attached[worker_id] = session
         if self.service_paused:
             session.paused_by.add("service")
@@ -147,9 +193,38 @@ class ControlPlane:
 
     def heartbeat(self, session: Session, rss: int | None) -> None:
         session.scope.reported_rss = rss
+        session.reports_rss = session.reports_rss or rss is not None
+        if session.silent:
+            session.silent = False
+            logger.info("Worker %r sends heartbeats again", session.worker_id)
+
+    def silence(self, session: Session, silent_for: float) -> str | None:
+        """Why to detach a worker not heard from for ``silent_for`` seconds, or None to
+        keep it (not silent long enough, or its process is alive here)."""
+        if silent_for < self.heartbeat_timeout:
+            return None
+        if alive_without_heartbeats(session.pid, session.started, session.reports_rss):
+            if not session.silent:
+                session.silent = True
+                logger.warning(
+                    "Worker %r sent no heartbeat for %.0f s, but its process (pid %d) is "
+                    "alive: it stays attached",
+                    session.worker_id,
+                    silent_for,
+                    session.pid,
+                )
+            return None
+        why = (
+            "it reports its own RSS, so its process is not watched here"
+            if session.reports_rss
+            else f"pid {session.pid} is not a live process this service can see"
+        )
+        return f"no heartbeat for {silent_for:.0f} s; {why}"
 
     def detach(self, session: Session, why: str) -> None:
         """The stream ended: keep the scope and its data for ``retention``."""
+        for sent in session.pending.values():
+            sent.heard.set()  # nothing more will reach the worker on this stream
         if self.attached.get(session.worker_id) is not session:
             return
         del self.attached[session.worker_id]
@@ -166,7 +241,7 @@ class ControlPlane:
 
     async def release_expired(self, now: float) -> None:
         """Release detached scopes whose retention has passed."""
-        for scope in list(self.core.scopes.values()):
+        for scope in self.core.scope_list:
             since = scope.detached_since
             if since is not None and not scope.attached and now - since >= self.retention:
                 logger.info(
@@ -184,17 +259,21 @@ class ControlPlane:
 
     def _send(
         self, session: Session, kind: str, reason: str, readings: MemoryReadings | None
-    ) -> Command:
+    ) -> Sent:
         command = Command(
             next(self._command_ids), kind, reason, readings, session.scope.memory_limit
         )
         session.outbox.put_nowait(command)
-        session.pending[command.id] = kind
-        return command
+        sent = session.pending[command.id] = Sent(kind)
+        return sent
 
     def answered(self, session: Session, command_id: int) -> str | None:
         """The type of the command a worker answered, or None if it was not ours."""
-        return session.pending.pop(command_id, None)
+        sent = session.pending.pop(command_id, None)
+        if sent is None:
+            return None
+        sent.heard.set()
+        return sent.type
 
     def _targets(self, scope_name: str) -> list[Session]:
         if scope_name == SERVICE_SCOPE:
@@ -220,13 +299,14 @@ class ControlPlane:
                     self._send(session, "resume", reason, readings)
 
     async def terminate(self, scope_name: str, reason: str, readings: MemoryReadings) -> None:
-        """TERMINATE the worker; a supervised one is also killed and restarted."""
+        """TERMINATE the worker; a supervised one is also killed and restarted, once it
+        has heard the command (or had ``nanny.terminate-notice`` to)."""
         session = self.attached.get(scope_name)
         if session is None:
             return
-        self._send(session, "terminate", reason, readings)
+        sent = self._send(session, "terminate", reason, readings)
         if session.scope.supervised and self.supervisor is not None:
-            await self.supervisor.terminate(scope_name, reason)
+            await self.supervisor.terminate(scope_name, reason, sent.heard)
 
     def shutdown(self) -> None:
         """End every Attach stream, so draining does not wait on them."""

@@ -39,6 +39,7 @@ from .scopes import (
     Route,
     Scope,
     ScopeKind,
+    ScopeState,
     ScopeStore,
     StoreSizes,
     ValueRead,
@@ -79,13 +80,21 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class ScopeSnapshot:
+    """One scope's readings at one moment. Readers off the event loop use ``scope``
+    only for what it publishes whole (``name``, ``state``, ``memory_limit``...)."""
+
     scope: Scope
     readings: MemoryReadings
     sizes: StoreSizes
 
 
 class MemoryService:
-    """Owns every scope and runs their operations on the store thread."""
+    """Owns every scope and runs their operations on the store thread.
+
+    The event loop alone changes ``scopes`` and ``sessions``; after each change it
+    publishes ``scope_list``, an immutable tuple that ``snapshot()`` (called from
+    metrics exporter threads too) iterates instead of the dict.
+    """
 
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
@@ -108,6 +117,8 @@ class MemoryService:
             SERVICE_SCOPE, ScopeKind.SERVICE, settings.memory_limit
         )
         self.scopes: dict[str, Scope] = {SERVICE_SCOPE: self.service_scope}
+        #: The scopes, service first; replaced whole whenever one is added or removed.
+        self.scope_list: tuple[Scope, ...] = (self.service_scope,)
         if self.journal is not None:
             self._restore(self.journal)
         #: Session id -> worker scope name, valid as long as the scope exists.
@@ -155,6 +166,7 @@ class MemoryService:
                 scope = self._new_scope(name, ScopeKind.WORKER, None)
                 scope.detached_since = now
                 self.scopes[name] = scope
+                self.scope_list = tuple(self.scopes.values())
             scope.restore(files)
         journal.rewrite(self._live_values())
         total = sum(f.header.size for files in recovered.scopes.values() for f in files.values())
@@ -176,13 +188,13 @@ class MemoryService:
 
     def _live_values(self) -> set[tuple[str, str]]:
         """Every (scope, key) stored now (store thread, or before serving)."""
-        return {(scope.name, key) for scope in list(self.scopes.values()) for key in scope.entries}
+        return {(scope.name, key) for scope in self.scope_list for key in scope.entries}
 
     async def write_all_to_disk(self) -> None:
         """At shutdown with persist: move every value in RAM to disk, so the next start
         serves them all; one log line for any that could not be written."""
         unwritten = 0
-        for scope in list(self.scopes.values()):
+        for scope in self.scope_list:
             result = await self._on_store_thread(scope.evict, everything=True)
             if result.error:
                 unwritten += scope.sizes.keys_in_memory
@@ -223,6 +235,7 @@ class MemoryService:
         if scope is None:
             scope = self._new_scope(worker_id, ScopeKind.WORKER, memory_limit)
             self.scopes[worker_id] = scope
+            self.scope_list = tuple(self.scopes.values())
         elif scope.memory_limit != memory_limit:
             await self._on_store_thread(scope.set_memory_limit, memory_limit)
         self.sessions[session_id] = worker_id
@@ -231,6 +244,7 @@ class MemoryService:
     async def release_scope(self, scope: Scope) -> None:
         """Forget a worker scope and all its values (its retention time passed)."""
         self.scopes.pop(scope.name, None)
+        self.scope_list = tuple(self.scopes.values())
         for session_id in [s for s, name in self.sessions.items() if name == scope.name]:
             del self.sessions[session_id]
         await self._on_store_thread(scope.delete, list(scope.entries))
@@ -426,31 +440,34 @@ class MemoryService:
     def rss(self) -> int:
         return int(self.process.memory_info().rss)
 
-    def process_memory(self, scope: Scope, service_rss: int) -> int:
-        """What a scope costs the host (PRODUCT.md, "Readings").
-
-        Worker: its RSS (self-reported, else measured by PID) + its managed bytes held
-        here. Service: the service's RSS minus the worker scopes' managed bytes.
-        """
-        if scope.kind is ScopeKind.SERVICE:
-            workers = sum(s.managed for s in self.scopes.values() if s is not scope)
-            return max(service_rss - workers, 0)
-        return worker_rss(scope) + scope.managed
-
     def snapshot(self, *, record: bool = False) -> list[ScopeSnapshot]:
         """Every scope's readings now, the service scope first.
 
-        ``record``: the monitor's tick, whose samples feed "unmanaged" (Status and
-        metrics only look).
+        Any thread: touches only published data (``scope_list``, each scope's
+        ``sizes``). ``record`` (the monitor's tick, on the event loop) also feeds the
+        samples behind "unmanaged"; Status and metrics only look.
         """
         now, rss = time.monotonic(), self.rss()
-        read = Scope.record if record else Scope.readings
-        return [
-            ScopeSnapshot(
-                scope, read(scope, process=self.process_memory(scope, rss), now=now), scope.sizes
-            )
-            for scope in list(self.scopes.values())
-        ]
+        scopes, service = self.scope_list, self.service_scope
+        sizes = [scope.sizes for scope in scopes]
+        # What the host pays for a scope (PRODUCT.md, "Readings"). Worker: its RSS
+        # (self-reported, else measured by PID) + its managed bytes held here.
+        # Service: the service's RSS minus the worker scopes' managed bytes.
+        workers = sum(
+            size.managed for scope, size in zip(scopes, sizes, strict=True) if scope is not service
+        )
+        snapshots = []
+        for scope, size in zip(scopes, sizes, strict=True):
+            if scope is service:
+                process = max(rss - workers, 0)
+            else:
+                process = worker_rss(scope) + size.managed
+            if record:
+                readings = scope.record(process=process, sizes=size, now=now)
+            else:
+                readings = scope.readings(process=process, sizes=size)
+            snapshots.append(ScopeSnapshot(scope, readings, size))
+        return snapshots
 
     async def spill(self, scope: Scope, nbytes: int) -> EvictResult:
         """Move ``nbytes`` of the scope's least recently used values to disk."""
@@ -460,7 +477,10 @@ class MemoryService:
 
     def readings_now(self, scope: Scope) -> MemoryReadings:
         """One scope's readings at this moment (for an event)."""
-        return scope.readings(process=self.process_memory(scope, self.rss()), now=time.monotonic())
+        for snap in self.snapshot():
+            if snap.scope is scope:
+                return snap.readings
+        return scope.readings(process=0, sizes=scope.sizes)  # released meanwhile
 
     async def trim(self) -> TrimResult:
         result = await asyncio.to_thread(trim)
@@ -486,12 +506,13 @@ class MemoryService:
 
 def worker_rss(scope: Scope) -> int:
     """A worker's RSS: what it reports, else what its PID shows, else 0 (gone)."""
-    if scope.reported_rss is not None:
-        return scope.reported_rss
-    if not scope.attached or scope.pid <= 0:
+    reported, view = scope.reported_rss, scope.view
+    if reported is not None:
+        return reported
+    if view.state is ScopeState.DETACHED or view.pid <= 0:
         return 0
     try:
-        return int(psutil.Process(scope.pid).memory_info().rss)
+        return int(psutil.Process(view.pid).memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return 0
 

@@ -217,6 +217,7 @@ async def serve(config: Config) -> int:
                 config.nanny.nworkers,
                 environ=config.nanny.environ,
                 address=address,
+                terminate_notice=config.nanny.terminate_notice,
                 terminate_grace=config.nanny.terminate_grace,
                 events=core.events,
             )

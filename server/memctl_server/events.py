@@ -3,7 +3,9 @@
 Each event is logged as one structured line (logger ``memctl.events``; JSON when
 ``log.format: json``) with its scope, reason and readings, and the last
 ``CAPACITY`` are kept for the ``Events`` RPC (``memctl events``). Counts per kind
-feed the metrics, so there is one bookkeeping, not two.
+feed the metrics, so there is one bookkeeping, not two. The event loop records; the
+metrics exporters read the counts on threads of their own, so each ``record``
+publishes them as new read-only mappings instead of changing them in place.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from types import MappingProxyType
+from typing import Literal, TypeVar
 
 from .readings import MemoryReadings
 
 logger = logging.getLogger("memctl.events")
+K = TypeVar("K")
 
 EventKind = Literal["spill", "pause", "resume", "terminate", "restart", "trim", "data_loss"]
 EVENT_KINDS: tuple[EventKind, ...] = (
@@ -63,8 +68,9 @@ class EventLog:
     def __init__(self, capacity: int = CAPACITY):
         self.recent: deque[Event] = deque(maxlen=capacity)
         #: Events so far, by kind and scope; bytes given back by trims, by scope.
-        self.counts: Counter[tuple[EventKind, str]] = Counter()
-        self.trimmed_bytes: Counter[str] = Counter()
+        #: Replaced whole by each ``record``: safe to iterate from any thread.
+        self.counts: Mapping[tuple[EventKind, str], int] = MappingProxyType({})
+        self.trimmed_bytes: Mapping[str, int] = MappingProxyType({})
         self._ids = itertools.count(1)
 
     def record(
@@ -85,11 +91,11 @@ class EventLog:
             {k: str(v) for k, v in details.items()},
         )
         self.recent.append(event)
-        self.counts[kind, scope] += 1
+        self.counts = _plus(self.counts, (kind, scope), 1)
         if kind == "trim":
             before, after = details.get("rss_before", 0), details.get("rss_after", 0)
             assert isinstance(before, int) and isinstance(after, int)
-            self.trimmed_bytes[scope] += max(before - after, 0)
+            self.trimmed_bytes = _plus(self.trimmed_bytes, scope, max(before - after, 0))
         level = logging.WARNING if kind in ("pause", "terminate") else logging.INFO
         level = logging.ERROR if kind == "data_loss" else level
         # Text logs read "pause scope='w': reason"; JSON logs get every field.
@@ -100,3 +106,8 @@ class EventLog:
         """Recent events, oldest first, filtered as the Events RPC asks."""
         events = [e for e in self.recent if e.id > after_id and (not scope or e.scope == scope)]
         return events[-limit:] if limit else events
+
+
+def _plus(counts: Mapping[K, int], key: K, n: int) -> Mapping[K, int]:
+    """A new read-only copy of ``counts`` with ``n`` added under ``key``."""
+    return MappingProxyType({**counts, key: counts.get(key, 0) + n})

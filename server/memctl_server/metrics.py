@@ -245,7 +245,7 @@ def _register(provider: MeterProvider, core: MemoryService, events: EventLog) ->
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             return [
                 Observation(count, {SCOPE: scope})
-                for (counted, scope), count in list(events.counts.items())
+                for (counted, scope), count in events.counts.items()
                 if counted == kind
             ]
 
@@ -257,7 +257,7 @@ def _register(provider: MeterProvider, core: MemoryService, events: EventLog) ->
         )
 
     def trimmed(options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(n, {SCOPE: scope}) for scope, n in list(events.trimmed_bytes.items())]
+        return [Observation(n, {SCOPE: scope}) for scope, n in events.trimmed_bytes.items()]
 
     meter.create_observable_counter(
         "memctl.trim.bytes",

@@ -6,9 +6,12 @@ nanny starts its worker. Each gets the service's environment plus
 (where to attach) and ``MEMCTL_WORKER_ID`` (``worker-0``, ``worker-1``, …).
 
 A worker that exits on its own is restarted with backoff (1 s doubling to 30 s,
-back to 1 s once it has run a minute); one the service terminates — SIGTERM, then
-SIGKILL after ``nanny.terminate-grace`` — is restarted at once. Only these child
-processes are ever signalled.
+back to 1 s once it has run a minute); one the service terminates is restarted at
+once. Terminating is: the TERMINATE command (sent by the control plane), up to
+``nanny.terminate-notice`` for the worker to act on it — cut short when it answers,
+exits or its stream ends — then SIGTERM, then SIGKILL after ``nanny.terminate-grace``.
+Without the notice SIGTERM always overtook the command, and a worker never learnt
+why it died. Only these child processes are ever signalled.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Nanny:
         *,
         environ: dict[str, str],
         address: str,
+        terminate_notice: float,
         terminate_grace: float,
         events: EventLog,
     ):
@@ -58,6 +62,7 @@ class Nanny:
         self.events = events
         self.environ = environ
         self.address = address
+        self.terminate_notice = terminate_notice
         self.terminate_grace = terminate_grace
         self.slots = {f"worker-{i}": Slot(f"worker-{i}") for i in range(nworkers)}
         self._stopping = False
@@ -120,12 +125,26 @@ class Nanny:
             return any(child.pid == pid for child in children)
         return False
 
-    async def terminate(self, worker_id: str, reason: str) -> None:
-        """SIGTERM, then SIGKILL after the grace period; the supervisor restarts it."""
+    async def terminate(self, worker_id: str, reason: str, heard: asyncio.Event) -> None:
+        """Once the worker has ``heard`` TERMINATE (or the notice is up, or it exited):
+        SIGTERM, then SIGKILL after the grace period; the supervisor restarts it."""
         slot = self.slots.get(worker_id)
-        if slot is None or slot.process is None or slot.process.returncode is not None:
+        process = slot.process if slot is not None else None
+        if slot is None or process is None or process.returncode is not None:
             return
         slot.terminating = reason
+        if self.terminate_notice > 0:
+            await _first(heard, slot.exited, timeout=self.terminate_notice)
+            if slot.process is not process or process.returncode is not None:
+                logger.info("Worker %r exited after TERMINATE; no signal needed", worker_id)
+                return
+            logger.info(
+                "Worker %r %s; sending SIGTERM",
+                worker_id,
+                "heard TERMINATE"
+                if heard.is_set()
+                else f"did not answer TERMINATE within {self.terminate_notice:g} s",
+            )
         await self._kill(slot)
 
     async def _kill(self, slot: Slot) -> None:
@@ -155,3 +174,13 @@ class Nanny:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _first(*events: asyncio.Event, timeout: float) -> None:
+    """Return when any of ``events`` is set, or after ``timeout`` seconds."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

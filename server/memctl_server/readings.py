@@ -53,12 +53,17 @@ class UnmanagedHistory:
     """Minimum of recent samples of unmanaged memory, over a sliding window.
 
     A monotonic deque keeps the candidates for the minimum, so adding a sample and
-    reading the minimum are O(1) amortised however short the monitor interval.
+    reading the minimum are O(1) amortised however short the monitor interval. Only
+    the monitor (on the event loop) adds samples and touches the deque; each ``add``
+    publishes the window's minimum as one int, which readers on other threads
+    (Status, the metrics exporters) combine with their own current sample.
     """
 
     def __init__(self, window: float):
         self.window = window
         self._candidates: deque[tuple[float, int]] = deque()
+        #: The minimum over the window as of the last sample; None before the first.
+        self.minimum: int | None = None
 
     def add(self, now: float, unmanaged: int) -> None:
         while self._candidates and self._candidates[-1][1] >= unmanaged:
@@ -66,11 +71,9 @@ class UnmanagedHistory:
         self._candidates.append((now, unmanaged))
         while self._candidates[0][0] < now - self.window:
             self._candidates.popleft()
+        self.minimum = self._candidates[0][1]
 
-    def old(self, now: float, current: int) -> int:
-        """Unmanaged-old at ``now``, where ``current`` is the latest, unrecorded u."""
-        while self._candidates and self._candidates[0][0] < now - self.window:
-            self._candidates.popleft()
-        if not self._candidates:
-            return current
-        return min(self._candidates[0][1], current)
+    def old(self, current: int) -> int:
+        """Unmanaged-old given ``current``, the latest unrecorded u; reads only ``minimum``."""
+        minimum = self.minimum
+        return current if minimum is None else min(minimum, current)

@@ -127,6 +127,16 @@ class ScopeState(Enum):
 
 
 @dataclass(frozen=True)
+class ScopeView:
+    """A scope's control state as readers on other threads see it: published whole by
+    the event loop, so state, spilling and pid always belong to one moment."""
+
+    state: ScopeState
+    spilling: bool
+    pid: int
+
+
+@dataclass(frozen=True)
 class Entry:
     """What the scope knows of a value besides its bytes."""
 
@@ -165,7 +175,15 @@ class EvictResult:
 
 
 class Scope:
-    """One scope's data and settings."""
+    """One scope's data and settings.
+
+    One owner per field: the store thread alone touches ``data`` and ``entries`` and
+    publishes ``sizes``; the event loop alone sets the control fields (``attached``,
+    ``pid``, ``memo``, ...) and the unmanaged history. Readers on other threads
+    (Status, metrics exporters) read only immutable values published whole:
+    ``sizes``, ``view`` (behind ``state``, ``spilling``), ``memory_limit``,
+    ``reported_rss`` and the history's ``minimum``.
+    """
 
     def __init__(
         self,
@@ -190,28 +208,62 @@ class Scope:
         self.incoming = 0
         self.sizes = StoreSizes()
         self.unmanaged_history = UnmanagedHistory(recent_to_old_time)
-        #: The engine's memory of this scope (spilling, paused, terminating).
-        self.memo = ScopeMemo()
         # Worker scopes only: what the control plane knows of the worker.
-        self.attached = kind is ScopeKind.SERVICE
+        self._attached = kind is ScopeKind.SERVICE
+        self._pid = 0
+        #: The engine's memory of this scope (spilling, paused, terminating).
+        self._memo = ScopeMemo()
+        self.view = self._view()
         self.detached_since: float | None = None
-        self.pid = 0
         self.reported_rss: int | None = None
         self.supervised = False
 
+    def _view(self) -> ScopeView:
+        if not self._attached:
+            state = ScopeState.DETACHED
+        elif self._memo.terminating:
+            state = ScopeState.TERMINATING
+        elif self._memo.paused:
+            state = ScopeState.PAUSED
+        else:
+            state = ScopeState.RUNNING
+        return ScopeView(state, self._memo.spilling, self._pid)
+
+    # Setters republish the view: the event loop writes, readers read ``view``.
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @attached.setter
+    def attached(self, attached: bool) -> None:
+        self._attached = attached
+        self.view = self._view()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @pid.setter
+    def pid(self, pid: int) -> None:
+        self._pid = pid
+        self.view = self._view()
+
+    @property
+    def memo(self) -> ScopeMemo:
+        return self._memo
+
+    @memo.setter
+    def memo(self, memo: ScopeMemo) -> None:
+        self._memo = memo
+        self.view = self._view()
+
     @property
     def state(self) -> ScopeState:
-        if not self.attached:
-            return ScopeState.DETACHED
-        if self.memo.terminating:
-            return ScopeState.TERMINATING
-        if self.memo.paused:
-            return ScopeState.PAUSED
-        return ScopeState.RUNNING
+        return self.view.state
 
     @property
     def spilling(self) -> bool:
-        return self.memo.spilling
+        return self.view.spilling
 
     @publishes
     def set_memory_limit(self, memory_limit: int | None) -> None:
@@ -232,22 +284,22 @@ class Scope:
     def spilled(self) -> int:
         return self.sizes.spilled
 
-    def readings(self, *, process: int, now: float) -> MemoryReadings:
-        """Readings given this scope's process memory at ``now`` (not recorded)."""
-        managed = self.managed
-        current = max(process - managed, 0)
+    def readings(self, *, process: int, sizes: StoreSizes) -> MemoryReadings:
+        """Readings given this scope's process memory and store sizes (not recorded).
+
+        Any thread: reads only the history's published minimum.
+        """
         return MemoryReadings.of(
             process=process,
-            managed=managed,
-            unmanaged_old=self.unmanaged_history.old(now, current),
-            spilled=self.spilled,
+            managed=sizes.managed,
+            unmanaged_old=self.unmanaged_history.old(max(process - sizes.managed, 0)),
+            spilled=sizes.spilled,
         )
 
-    def record(self, *, process: int, now: float) -> MemoryReadings:
-        """Sample for the monitor: the readings at ``now``, remembered for "unmanaged"."""
-        reading = self.readings(process=process, now=now)
-        self.unmanaged_history.add(now, reading.process - reading.managed)
-        return reading
+    def record(self, *, process: int, sizes: StoreSizes, now: float) -> MemoryReadings:
+        """The monitor's sample (event loop only): remembered for "unmanaged", then read."""
+        self.unmanaged_history.add(now, max(process - sizes.managed, 0))
+        return self.readings(process=process, sizes=sizes)
 
     # --- data plane (store thread) ------------------------------------------------
     def route(self, size: int, header_size: int) -> Route | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -365,36 +366,50 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             reader.cancel()
 
     async def _read(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        timeout = self.control.heartbeat_timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(context.read(), timeout)
-            except TimeoutError:
-                return f"no heartbeat for {timeout:.0f} s"
-            except Exception as exc:  # grpc's own stream errors, e.g. server stopped
-                return f"the stream broke ({type(exc).__name__})"
-            if message is grpc.aio.EOF:
-                return "the worker closed the stream"
-            kind = message.WhichOneof("kind")
-            if kind == "heartbeat":
-                hb = message.heartbeat
-                self.control.heartbeat(session, hb.rss if hb.HasField("rss") else None)
-            elif kind == "result":
-                result = message.result
-                logger.info(
-                    "Worker %r answered command %d: %s%s",
-                    session.worker_id,
-                    result.command_id,
-                    "ok" if result.ok else "failed",
-                    f" ({result.detail})" if result.detail else "",
-                )
-                if self.control.answered(session, result.command_id) == "trim":
-                    self.core.events.record(
-                        "trim",
+        """Handle heartbeats and results until the stream ends or the worker counts as
+        gone (``ControlPlane.silence``); why it ended."""
+        heard = time.monotonic()
+        # One read at a time, never cancelled while the worker is kept: a cancelled
+        # read could lose the message it was receiving.
+        read = asyncio.ensure_future(context.read())
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=self.control.heartbeat_timeout)
+                if not done:
+                    why = self.control.silence(session, time.monotonic() - heard)
+                    if why is not None:
+                        return why
+                    continue
+                try:
+                    message = read.result()
+                except Exception as exc:  # grpc's own stream errors, e.g. server stopped
+                    return f"the stream broke ({type(exc).__name__})"
+                if message is grpc.aio.EOF:
+                    return "the worker closed the stream"
+                heard = time.monotonic()
+                read = asyncio.ensure_future(context.read())
+                kind = message.WhichOneof("kind")
+                if kind == "heartbeat":
+                    hb = message.heartbeat
+                    self.control.heartbeat(session, hb.rss if hb.HasField("rss") else None)
+                elif kind == "result":
+                    result = message.result
+                    logger.info(
+                        "Worker %r answered command %d: %s%s",
                         session.worker_id,
-                        result.detail,
-                        rss_before=result.rss_before,
-                        rss_after=result.rss_after,
+                        result.command_id,
+                        "ok" if result.ok else "failed",
+                        f" ({result.detail})" if result.detail else "",
                     )
-            else:
-                return "the worker sent a second hello"
+                    if self.control.answered(session, result.command_id) == "trim":
+                        self.core.events.record(
+                            "trim",
+                            session.worker_id,
+                            result.detail,
+                            rss_before=result.rss_before,
+                            rss_after=result.rss_after,
+                        )
+                else:
+                    return "the worker sent a second hello"
+        finally:
+            read.cancel()

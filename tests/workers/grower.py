@@ -11,7 +11,10 @@ Two ways to drive it:
   ``GROWER_LIMIT``, events appended to the file ``GROWER_EVENTS``. The first
   incarnation puts ``GROWER_VALUES`` values then grows ``GROWER_STEP`` bytes at a
   time until it is terminated; a later one (its scope kept values) reads every
-  value back, reports their digests, and idles.
+  value back, reports their digests, and idles. ``GROWER_OBEY_PAUSE=1``: it stops
+  growing while paused, as a well-behaved worker would. ``GROWER_HANG_ON_TERMINATE=1``:
+  its terminate handler never returns, so TERMINATE is never answered. SIGTERM is
+  reported as ``{"event": "sigterm"}`` before it exits with 143.
 
 Commands from the service are reported as ``{"event": "command", "type": ...}`` with
 ``t`` (monotonic seconds, comparable across processes on one host).
@@ -23,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -45,7 +49,8 @@ class Grower:
     def __init__(self, events_path: str | None):
         self.heap: list[bytearray] = []
         self.events_path = events_path
-        self.lock = threading.Lock()
+        # Reentrant: the SIGTERM handler may run on the main thread inside emit().
+        self.lock = threading.RLock()
         self.process = psutil.Process()
 
     def emit(self, **event: Any) -> None:
@@ -109,12 +114,21 @@ def scripted() -> None:
     count = int(os.environ.get("GROWER_VALUES", "5"))
     size = parse_bytes(os.environ.get("GROWER_VALUE_SIZE", "1MiB"))
     step = parse_bytes(os.environ.get("GROWER_STEP", "8MiB"))
+    obey_pause = os.environ.get("GROWER_OBEY_PAUSE") == "1"
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        grower.emit(event="sigterm")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     with Client() as client:
         session = client.attach(
             os.environ["MEMCTL_WORKER_ID"], memory_limit=os.environ["GROWER_LIMIT"]
         )
         for name in ("pause", "resume", "terminate"):
             session.on(name, grower.on_command)
+        if os.environ.get("GROWER_HANG_ON_TERMINATE") == "1":
+            session.on("terminate", lambda command: threading.Event().wait())
         grower.emit(event="attached", limit=session.memory_limit, kept=session.keys_kept)
         if session.keys_kept:
             digests = {
@@ -127,8 +141,9 @@ def scripted() -> None:
             client.put(f"v{i}", value(i, size))
         grower.emit(event="stored", values=count)
         while True:  # grow until terminated
-            grower.grow(step)
-            grower.emit(event="grown")
+            if not (obey_pause and session.state == "paused"):
+                grower.grow(step)
+                grower.emit(event="grown")
             time.sleep(0.3)
 
 
