@@ -27,3 +27,11 @@ class ResourceExhausted(MemctlError):
 
 class FailedPrecondition(MemctlError):
     code = "FAILED_PRECONDITION"
+
+
+class DeadlineExceeded(MemctlError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do (exit code 1)."""

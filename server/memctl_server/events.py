@@ -15,6 +15,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import InvalidArgument
 from .readings import MemoryReadings
 
 logger = logging.getLogger("memctl.events")
@@ -53,6 +54,7 @@ class Event:
 
 class EventLog:
     def __init__(self, capacity: int = CAPACITY):
+        self.capacity = capacity
         self.recent: deque[Event] = deque(maxlen=capacity)
         #: Events so far, by kind and scope; bytes given back by trims, by scope.
         self.counts: Counter[tuple[EventKind, str]] = Counter()
@@ -89,5 +91,10 @@ class EventLog:
 
     def select(self, *, limit: int = 0, scope: str = "", after_id: int = 0) -> list[Event]:
         """Recent events, oldest first, filtered as the Events RPC asks."""
+        if limit > self.capacity:
+            raise InvalidArgument(
+                f"limit is {limit}; the service keeps the last {self.capacity} events, so "
+                f"ask for at most {self.capacity} (0 means all of them)"
+            )
         events = [e for e in self.recent if e.id > after_id and (not scope or e.scope == scope)]
         return events[-limit:] if limit else events

@@ -20,10 +20,10 @@ from memctl.protocol import CHUNK_SIZE, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
-from .control import Command, ControlPlane, Session
+from .control import Command, ControlPlane, Session, check_rss
 from .core import MemoryService, ScopeSnapshot
 from .engine import Thresholds
-from .errors import InvalidArgument, MemctlError
+from .errors import DeadlineExceeded, InvalidArgument, MemctlError
 from .events import Event
 from .readings import MemoryReadings
 from .scopes import KeyInfo, Scope
@@ -297,15 +297,24 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             return pb.EventsResponse(events=[event_pb(e) for e in events])
         raise AssertionError("unreachable: abort raises")
 
-    # Uses context.read/write rather than the iterator: commands go out as they come.
+    # Reads with the request iterator (edge.py checks every message) and writes with
+    # context.write, so that commands go out as they come.
     async def Attach(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.AttachRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        messages = aiter(request_iterator)
+        timeout = self.control.heartbeat_timeout
         async with _status_errors(context):
-            first = await context.read()
-            if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+            try:
+                first = await asyncio.wait_for(anext(messages, None), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no Hello within {timeout:g} s of opening the Attach stream "
+                    "(control.heartbeat-timeout); send a Hello first"
+                ) from None
+            if first is None or first.WhichOneof("kind") != "hello":
                 raise InvalidArgument("an Attach stream must start with a Hello message")
             hello = first.hello
             session = await self.control.attach(
@@ -325,13 +334,21 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     )
                 )
             )
-            why = await self._pump(session, context)
+            why = await self._pump(session, messages, context)
+        except MemctlError as exc:  # a bad message: end the stream, say why
+            why = str(exc)
+            await context.abort(grpc.StatusCode[exc.code], why)
         finally:
             self.control.detach(session, why)
 
-    async def _pump(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _pump(
+        self,
+        session: Session,
+        messages: AsyncIterator[pb.AttachRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> str:
         """Send commands as they come while reading heartbeats; why the stream ended."""
-        reader = asyncio.create_task(self._read(session, context))
+        reader = asyncio.create_task(self._read(session, messages))
         try:
             while True:
                 getter = asyncio.create_task(session.outbox.get())
@@ -348,16 +365,20 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         finally:
             reader.cancel()
 
-    async def _read(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _read(self, session: Session, messages: AsyncIterator[pb.AttachRequest]) -> str:
+        """Handle heartbeats and results; why the stream ended. A bad message raises
+        MemctlError (Attach ends the stream with its status)."""
         timeout = self.control.heartbeat_timeout
         while True:
             try:
-                message = await asyncio.wait_for(context.read(), timeout)
+                message = await asyncio.wait_for(anext(messages, None), timeout)
             except TimeoutError:
                 return f"no heartbeat for {timeout:.0f} s"
+            except MemctlError:
+                raise
             except Exception as exc:  # grpc's own stream errors, e.g. server stopped
                 return f"the stream broke ({type(exc).__name__})"
-            if message is grpc.aio.EOF:
+            if message is None:
                 return "the worker closed the stream"
             kind = message.WhichOneof("kind")
             if kind == "heartbeat":
@@ -365,6 +386,8 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                 self.control.heartbeat(session, hb.rss if hb.HasField("rss") else None)
             elif kind == "result":
                 result = message.result
+                check_rss(result.rss_before, "CommandResult.rss_before")
+                check_rss(result.rss_after, "CommandResult.rss_after")
                 logger.info(
                     "Worker %r answered command %d: %s%s",
                     session.worker_id,
