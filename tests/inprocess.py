@@ -14,6 +14,7 @@ import grpc
 
 from memctl_server.config import ServiceConfig, load_config
 from memctl_server.daemon import MemctlServer, build_server
+from memctl_server.edge import SERVICE as SERVICE_DESCRIPTOR
 
 SERVICE = "/memctl.v1.MemctlService/"
 
@@ -40,3 +41,17 @@ async def serving(
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         yield server, channel
+
+
+async def raw_call(channel: grpc.aio.Channel, name: str, *messages: bytes) -> list[bytes]:
+    """Call method ``name`` with raw request bytes (no serializer); the raw responses."""
+    method = SERVICE_DESCRIPTOR.methods_by_name[name]
+    path = SERVICE + name
+    if not method.client_streaming:
+        (request,) = messages
+        if method.server_streaming:
+            return [r async for r in channel.unary_stream(path)(request, timeout=10)]
+        return [await channel.unary_unary(path)(request, timeout=10)]
+    if method.server_streaming:
+        return [r async for r in channel.stream_stream(path)(iter(messages), timeout=10)]
+    return [await channel.stream_unary(path)(iter(messages), timeout=10)]

@@ -22,7 +22,7 @@ from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.edge import SERVICE as SERVICE_DESCRIPTOR
 from memctl_server.readings import UINT64_MAX, MemoryReadings
 from tests.conftest import Daemon
-from tests.inprocess import SERVICE, serving
+from tests.inprocess import raw_call, serving
 
 GARBAGE = b"\xff\xff\xff"
 #: A PutHeader (and a GetRequest) whose key is not UTF-8: field 1, bytes C3 28.
@@ -35,20 +35,6 @@ def assert_status(error: grpc.aio.AioRpcError, code: grpc.StatusCode, *words: st
     assert details and "\n" not in details and "Traceback" not in details
     for word in words:
         assert word in details, details
-
-
-async def raw_call(channel: grpc.aio.Channel, name: str, *messages: bytes) -> list[bytes]:
-    """Call ``name`` with raw request bytes; the raw responses."""
-    method = SERVICE_DESCRIPTOR.methods_by_name[name]
-    path = SERVICE + name
-    if not method.client_streaming:
-        (request,) = messages
-        if method.server_streaming:
-            return [r async for r in channel.unary_stream(path)(request, timeout=10)]
-        return [await channel.unary_unary(path)(request, timeout=10)]
-    if method.server_streaming:
-        return [r async for r in channel.stream_stream(path)(iter(messages), timeout=10)]
-    return [await channel.stream_unary(path)(iter(messages), timeout=10)]
 
 
 async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
