@@ -20,7 +20,9 @@ import pytest
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.edge import SERVICE as SERVICE_DESCRIPTOR
+from memctl_server.edge import add_memctl_service
 from memctl_server.readings import UINT64_MAX, MemoryReadings
+from memctl_server.service import MemctlServicer
 from tests.conftest import Daemon
 from tests.inprocess import raw_call, serving
 
@@ -228,3 +230,26 @@ def test_a_burst_of_calls_gets_answers_never_a_bare_cancelled(daemon: Daemon) ->
         assert code in ("OK", "RESOURCE_EXHAUSTED"), (code, details, count)
         assert code == "OK" or ("busy" in details and "\n" not in details)
     assert outcomes["OK", ""] > BURST // 2, outcomes
+
+
+def test_calls_past_the_limit_are_told_the_daemon_is_busy(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as (daemon, _):
+            gated = grpc.aio.server()
+            add_memctl_service(gated, MemctlServicer(daemon.core, daemon.control), 1)
+            gated.add_insecure_port(f"unix:{tmp_path / 'gated.sock'}")
+            await gated.start()
+            try:
+                async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'gated.sock'}") as ch:
+                    stub = pb_grpc.MemctlServiceStub(ch)
+                    stream = stub.Attach(held_open(pb.AttachRequest(hello=pb.Hello(worker_id="w"))))
+                    await stream.read()  # one call in progress: the limit
+                    error = await rpc_error(stub.Status(pb.StatusRequest(), timeout=10))
+                    assert_status(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "retry")
+                    stream.cancel()
+                    await eventually(lambda: not daemon.control.attached)
+                    await stub.Status(pb.StatusRequest(), timeout=10)  # the slot is free again
+            finally:
+                await gated.stop(None)
+
+    asyncio.run(scenario())
