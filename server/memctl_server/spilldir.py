@@ -91,6 +91,8 @@ def remove_stale_directories(root: Path) -> None:
         if fd is None:
             continue  # its daemon is alive
         try:
+            if not (candidate / LOCK_NAME).exists():
+                continue  # removed meanwhile, by its owner's clean exit or another daemon
             # Still holding the lock, so no other daemon starting now removes it too.
             freed = _size_of(candidate)
             shutil.rmtree(candidate, ignore_errors=True)
