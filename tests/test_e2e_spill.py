@@ -188,3 +188,29 @@ def test_mapping_of_an_attached_worker_sees_its_own_scope(daemon: Daemon) -> Non
             assert len(mapping) == 2 and sorted(mapping) == ["a", "b"]
             assert "service-key" not in mapping
         assert len(MemctlMapping(service_client)) == 1
+
+
+def test_every_spill_is_an_event_whoever_caused_it(spawn: Callable[..., Daemon]) -> None:
+    """Put pushing LRU values out, Put going straight to disk, Evict: each an event with
+    bytes, values, reason and readings (the monitor's own spills are tested elsewhere).
+    Spill and pause are off so that only the calls below move values."""
+    daemon = spawn(
+        "--memory-limit", "100MiB", "--set", "memory.spill=false", "--set", "memory.pause=false"
+    )
+    with Client(daemon.address) as client:
+        client.put("a", value_for(1, 30 * MiB))
+        client.put("b", value_for(2, 20 * MiB))
+        client.put("c", value_for(3, 20 * MiB))  # 70 MiB > target 60 MiB: a spills
+        client.put("huge", value_for(4, 70 * MiB))  # over the target share: straight to disk
+        client.evict(["b"])
+        spills = [e for e in client.events() if e.kind == "spill"]
+    reasons = [e.reason for e in spills]
+    assert len(spills) == 3, reasons
+    pushed, straight, evicted = spills
+    assert "Put of 'c'" in pushed.reason and "over its target" in pushed.reason
+    assert pushed.details == {"bytes": str(30 * MiB), "values": "1"}
+    assert "Put of 'huge'" in straight.reason and "straight to disk" in straight.reason
+    assert straight.details == {"bytes": str(70 * MiB), "values": "1"}
+    assert "Evict" in evicted.reason and evicted.details["values"] == "1"
+    for event in spills:
+        assert event.readings is not None and event.readings["process"] > 0

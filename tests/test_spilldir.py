@@ -23,7 +23,7 @@ from memctl_server.spilldir import (
     create_spill_directory,
     open_persistent_directory,
 )
-from tests.conftest import Daemon
+from tests.conftest import Daemon, run_memctl
 
 MiB = 1 << 20
 
@@ -114,3 +114,28 @@ def test_the_persistent_directory_has_one_daemon_at_a_time(tmp_path: Path) -> No
     again = open_persistent_directory(tmp_path)  # the owner is gone: free again
     assert (again.path / "kept").read_bytes() == b"data"
     again.close(remove=False)
+
+
+def test_a_second_daemon_on_a_held_persistent_directory_fails_to_start(
+    spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    local = tmp_path / "shared-local"
+    first = spawn("--set", "persist=true", "--local-directory", str(local))
+    result = run_memctl(
+        "serve",
+        "--set",
+        "persist=true",
+        "--local-directory",
+        str(local),
+        "--address",
+        f"unix:{tmp_path / 'second.sock'}",
+    )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[-1] == (
+        f"memctl serve: another memctl (pid {first.pid}) uses {local / 'memctl-data'}; "
+        "stop it, or give this one another --local-directory"
+    )
+    with Client(first.address) as client:
+        client.put("k", b"v")
+        assert client.get("k") == b"v"

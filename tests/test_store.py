@@ -11,56 +11,68 @@ from pathlib import Path
 import pytest
 
 from memctl_server.readings import MemoryReadings, UnmanagedHistory
-from memctl_server.store import (
-    ManualEvictProto,
-    SpillBudget,
-    SpillBuffer,
-    load,
-    make_dump,
-    resolve_compression,
-)
+from memctl_server.spillfile import Record, checksum, header_length
+from memctl_server.store import ManualEvictProto, SpillBudget, SpillBuffer, resolve_compression
 
 
-def make(tmp_path: Path, target: float = 100, max_spill: int | bool = False) -> SpillBuffer:
+def make(
+    tmp_path: Path, target: float = 100, max_spill: int | bool = False, compression: str = "none"
+) -> SpillBuffer:
     budget = SpillBudget(max_spill if max_spill is not True else False)
-    return SpillBuffer(tmp_path / "spill", target, budget=budget, compression="none")
+    (tmp_path / "spill").mkdir(exist_ok=True)
+    return SpillBuffer(
+        tmp_path / "spill" / "scope",
+        target,
+        budget=budget,
+        compression=resolve_compression(compression),
+        scope="service",
+    )
+
+
+def rec(data: bytes) -> Record:
+    return Record(data, checksum(data), b"")
+
+
+def on_disk(key: str, body: int) -> int:
+    """Bytes a spill file of ``body`` raw bytes takes for ``key``."""
+    return header_length("service", key, b"") + body
 
 
 def test_lru_order_decides_what_spills(tmp_path: Path) -> None:
     store = make(tmp_path)
-    store["a"] = b"a" * 40
-    store["b"] = b"b" * 40
-    assert store["a"] == b"a" * 40  # a is now the most recently used
-    store["c"] = b"c" * 40  # 120 > 100: the LRU value, b, spills
+    store["a"] = rec(b"a" * 40)
+    store["b"] = rec(b"b" * 40)
+    assert store["a"].data == b"a" * 40  # a is now the most recently used
+    store["c"] = rec(b"c" * 40)  # 120 > 100: the LRU value, b, spills
     assert set(store.fast) == {"a", "c"}
     assert set(store.slow) == {"b"}
     assert store.managed == 80
-    assert store.spilled == 41  # one tag byte + 40 raw bytes, really on disk
-    assert sum(p.stat().st_size for p in (tmp_path / "spill").iterdir()) == store.spilled
+    assert store.spilled == on_disk("b", 40)  # header + 40 raw bytes, really on disk
+    assert sum(p.stat().st_size for p in store.directory.iterdir()) == store.spilled
 
 
 def test_sizes_are_tracked_through_every_move(tmp_path: Path) -> None:
     store = make(tmp_path)
     for i in range(10):
-        store[f"k{i}"] = bytes(30)
-    assert store.managed == sum(len(store.fast[k]) for k in store.fast) <= 100
-    assert store.spilled == 31 * len(store.slow)
-    assert bytes(store["k0"]) == bytes(30)  # read back: returns to RAM
+        store[f"k{i}"] = rec(bytes(30))
+    assert store.managed == sum(store.fast[k].size for k in store.fast) <= 100
+    assert store.spilled == sum(on_disk(k, 30) for k in store.slow)
+    assert bytes(store["k0"].data) == bytes(30)  # read back: returns to RAM
     assert "k0" in store.fast
-    store["k0"] = bytes(5)  # overwrite
-    assert store.managed == sum(len(store.fast[k]) for k in store.fast)
+    store["k0"] = rec(bytes(5))  # overwrite
+    assert store.managed == sum(store.fast[k].size for k in store.fast)
     for key in list(store):
         del store[key]
     assert store.managed == 0 and store.spilled == 0
-    assert not list((tmp_path / "spill").iterdir())
+    assert not list(store.directory.iterdir())
 
 
 def test_heavy_value_goes_straight_to_disk_and_stays(tmp_path: Path) -> None:
     store = make(tmp_path)
-    store["small"] = b"s"
-    store["heavy"] = b"h" * 150
+    store["small"] = rec(b"s")
+    store["heavy"] = rec(b"h" * 150)
     assert store.location("heavy") == "disk" and store.location("small") == "memory"
-    assert bytes(store["heavy"]) == b"h" * 150
+    assert bytes(store["heavy"].data) == b"h" * 150
     assert store.location("heavy") == "disk"
 
 
@@ -68,8 +80,8 @@ def test_evict_protocol(tmp_path: Path) -> None:
     store = make(tmp_path, target=math.inf)
     assert isinstance(store, ManualEvictProto)
     assert store.evict() == -1  # nothing to evict: -1, never raises
-    store["a"] = b"a" * 10
-    store["b"] = b"b" * 20
+    store["a"] = rec(b"a" * 10)
+    store["b"] = rec(b"b" * 20)
     assert store.evict() == 10  # least recently used first
     moved = [0, 0]
     store.evict_bytes(1, moved)
@@ -78,54 +90,56 @@ def test_evict_protocol(tmp_path: Path) -> None:
 
 
 def test_max_spill_keeps_values_in_ram(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = make(tmp_path, target=50, max_spill=45)
+    max_spill = on_disk("k0", 40) + 10  # room for one value on disk
+    store = make(tmp_path, target=50, max_spill=max_spill)
     with caplog.at_level(logging.WARNING):
         for i in range(5):
-            store[f"k{i}"] = bytes([i]) * 40
+            store[f"k{i}"] = rec(bytes([i]) * 40)
     assert len(store) == 5
-    assert store.spilled <= 45
+    assert 0 < store.spilled <= max_spill
     for i in range(5):
-        assert bytes(store[f"k{i}"]) == bytes([i]) * 40
-    assert store.evict() == -1 or store.spilled <= 45
+        assert bytes(store[f"k{i}"].data) == bytes([i]) * 40
+    assert store.evict() == -1 or store.spilled <= max_spill
     warnings = [r for r in caplog.records if "Spill to disk failed" in r.getMessage()]
     assert len(warnings) == 1  # once per burst, not once per value
     assert "raise memory.max-spill" in warnings[0].getMessage()
 
 
 def test_unwritable_directory_keeps_values_in_ram(tmp_path: Path) -> None:
+    store = make(tmp_path, target=50)
     if os.geteuid() == 0:
         # root ignores permission bits; a full "disk" is simulated with a file in
         # the directory's place, which fails every write with a real OSError.
-        store = make(tmp_path, target=50)
-        (tmp_path / "spill").rmdir()
-        (tmp_path / "spill").write_bytes(b"")
+        store.directory.write_bytes(b"")
     else:
-        store = make(tmp_path, target=50)
         (tmp_path / "spill").chmod(stat.S_IRUSR | stat.S_IXUSR)
     for i in range(4):
-        store[f"k{i}"] = bytes([i]) * 40
+        store[f"k{i}"] = rec(bytes([i]) * 40)
     assert store.spilled == 0 and store.managed == 160
-    assert all(bytes(store[f"k{i}"]) == bytes([i]) * 40 for i in range(4))
+    assert all(bytes(store[f"k{i}"].data) == bytes([i]) * 40 for i in range(4))
     assert store.evict() == -1
 
 
 def test_spill_files_are_private(tmp_path: Path) -> None:
     store = make(tmp_path, target=10)
-    store["../../etc/passwd"] = b"x" * 20
-    (path,) = (tmp_path / "spill").iterdir()
+    store["../../etc/passwd"] = rec(b"x" * 20)
+    (path,) = store.directory.iterdir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
     assert "passwd" not in path.name
 
 
 @pytest.mark.parametrize("kind", ["lz4", "zlib", "none"])
-def test_compression_round_trips_and_skips_incompressible(kind: str) -> None:
-    dump = make_dump(resolve_compression(kind))
+def test_compression_round_trips_and_skips_incompressible(tmp_path: Path, kind: str) -> None:
+    store = make(tmp_path, target=0, compression=kind)
     zeros, noise = bytes(100_000), os.urandom(100_000)
-    for value in (zeros, noise, b""):
-        assert bytes(load(b"".join(bytes(f) for f in dump(value)))) == value
-    packed = sum(len(f) for f in dump(zeros))
-    assert packed < 10_000 if kind != "none" else packed == 100_001
-    assert sum(len(f) for f in dump(noise)) == 100_001  # stored raw, with its tag
+    for key, value in (("zeros", zeros), ("noise", noise), ("empty", b"")):
+        store[key] = rec(value)
+        assert store.location(key) == ("disk" if value else "memory")  # b"" weighs nothing
+        assert bytes(store[key].data) == value
+    zeros_size = store.slow.files["zeros"].disk_size
+    assert zeros_size < 10_000 if kind != "none" else zeros_size == on_disk("zeros", 100_000)
+    assert store.slow.files["noise"].disk_size == on_disk("noise", 100_000)  # stored raw
 
 
 def test_auto_compression_is_lz4_when_installed() -> None:

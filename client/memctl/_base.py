@@ -9,9 +9,10 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import crc32c
 import grpc
 
-from .errors import InvalidArgument, MemctlError, translate
+from .errors import DataLoss, InvalidArgument, MemctlError, translate
 from .protocol import CHUNK_SIZE, SESSION_METADATA_KEY, key_problem, metadata_problem
 from .results import EvictResult, PutResult, StoredValue, TrimResult, location_name
 from .v1 import memctl_pb2 as pb
@@ -62,7 +63,11 @@ def put_requests(key: str, data: Buffer, metadata: bytes) -> Iterator[pb.PutRequ
 
 
 def _put_stream(key: str, view: memoryview, metadata: bytes) -> Iterator[pb.PutRequest]:
-    yield pb.PutRequest(header=pb.PutHeader(key=key, size=view.nbytes, metadata=metadata))
+    # The checksum lets the service refuse a value damaged on the way (DATA_LOSS).
+    crc = crc32c.crc32c(view)
+    yield pb.PutRequest(
+        header=pb.PutHeader(key=key, size=view.nbytes, metadata=metadata, crc32c=crc)
+    )
     for start in range(0, view.nbytes, CHUNK_SIZE):
         yield pb.PutRequest(chunk=bytes(view[start : start + CHUNK_SIZE]))
 
@@ -88,6 +93,7 @@ class GetAssembler:
             self.received += len(message.chunk)
 
     def result(self) -> StoredValue:
+        """The value, only if it is whole and matches the checksum the service sent."""
         if self.header is None or self.received != self.header.size:
             expected = "?" if self.header is None else self.header.size
             raise MemctlError(
@@ -95,6 +101,13 @@ class GetAssembler:
             )
         data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks.clear()
+        crc = crc32c.crc32c(data)
+        if crc != self.header.crc32c:
+            raise DataLoss(
+                f"Get of {self.key!r}: the bytes received have CRC32C {crc:#010x}, the "
+                f"service sent {self.header.crc32c:#010x}; they were damaged on the way, "
+                "read the value again"
+            )
         return StoredValue(data, self.header.metadata, location_name(self.header.location))
 
 

@@ -29,6 +29,13 @@ class FailedPrecondition(MemctlError):
     """The request does not fit the service's current state."""
 
 
+class DataLoss(MemctlError):
+    """A value was damaged: its spill file on the service, or the bytes on the way.
+
+    The service drops a value it finds damaged; put it again.
+    """
+
+
 class ServiceUnavailable(MemctlError, ConnectionError):
     """The service cannot be reached (not running, wrong address) or the deadline passed."""
 
@@ -37,6 +44,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MemctlError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailable,
 }

@@ -266,6 +266,15 @@ def _log_format(value: object) -> Literal["text", "json"]:
     raise ValueError("is not allowed; use text or json")
 
 
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+        return value.strip().lower() in ("true", "yes")
+    raise ValueError("is not allowed; use true or false")
+
+
+_Bool = Annotated[bool, PlainValidator(_bool)]
 _Fraction = Annotated[Threshold, PlainValidator(_fraction)]
 _Exporters = Annotated[tuple[str, ...] | None, PlainValidator(_exporters)]
 _OptionalAddress = Annotated[str | None, PlainValidator(_optional_address)]
@@ -322,6 +331,9 @@ class MemoryConfig(_Section):
     resume_margin: _Margin = 0.05
     #: Restart a supervised worker that stays paused this long (#3761, #5999).
     pause_timeout: _OptionalDuration = False
+    #: How long a Put waits for room (RAM or disk) before RESOURCE_EXHAUSTED, at most
+    #: (a Put's own deadline may be shorter).
+    put_wait: _Duration = 5.0
 
 
 class ControlConfig(_Section):
@@ -379,6 +391,9 @@ class ServiceConfig(_Section):
     address: _Address = "127.0.0.1:7075"
     memory_limit: _MemoryLimit = "auto"
     local_directory: _Directory = Field(default_factory=tempfile.gettempdir)
+    #: Keep values across restarts: spill files in <local-directory>/memctl-data, every
+    #: value written there at shutdown and served again by the next start.
+    persist: _Bool = False
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     nanny: NannyConfig = Field(default_factory=NannyConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)

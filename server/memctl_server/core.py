@@ -12,26 +12,40 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import psutil
 
 from memctl import __version__
 from memctl.protocol import SERVICE_SCOPE, key_problem, metadata_problem
 from memctl.results import TrimResult
+from memctl.sizes import format_bytes
 from memctl.trim import trim
 
 from .engine import Thresholds
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from .events import EventLog
+from .persist import Journal, count_lost, find_values
 from .plugin import ForeignStore, load_factory
 from .readings import MemoryReadings
-from .scopes import EvictResult, KeyInfo, Scope, ScopeKind, ScopeStore, StoreSizes, target_bytes
-from .store import Compression, SpillBudget, SpillBuffer, Value
+from .scopes import (
+    EvictResult,
+    KeyInfo,
+    Route,
+    Scope,
+    ScopeKind,
+    ScopeStore,
+    StoreSizes,
+    ValueRead,
+    target_bytes,
+)
+from .spillfile import SpillFileDamaged, SpillReader, checksum, header_length
+from .store import Compression, SpillBudget, SpillBuffer, SpillFailed, Value, nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +68,10 @@ class ServiceSettings:
     compression: Compression
     monitor_interval: float
     recent_to_old_time: float
+    #: Seconds a Put may wait for room before RESOURCE_EXHAUSTED.
+    put_wait: float = 5.0
+    #: Keep values across restarts (``spill_directory`` is then fixed, not temporary).
+    persist: bool = False
     #: "package.module:callable" for a user-supplied store, and its keyword arguments.
     store_factory: str | None = None
     store_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -79,12 +97,23 @@ class MemoryService:
             load_factory(settings.store_factory) if settings.store_factory else None
         )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="memctl-store")
+        self.journal: Journal | None = None
+        if settings.persist:
+            if self._store_factory is not None:
+                raise FailedPrecondition(
+                    "persist: true needs the built-in store; remove store.factory or persist"
+                )
+            self.journal = Journal(settings.spill_directory, self._live_values)
         self.service_scope = self._new_scope(
             SERVICE_SCOPE, ScopeKind.SERVICE, settings.memory_limit
         )
         self.scopes: dict[str, Scope] = {SERVICE_SCOPE: self.service_scope}
+        if self.journal is not None:
+            self._restore(self.journal)
         #: Session id -> worker scope name, valid as long as the scope exists.
         self.sessions: dict[str, str] = {}
+        #: Set (and replaced) whenever room may have come back, for waiting Puts.
+        self._room = asyncio.Event()
 
     def _new_scope(self, name: str, kind: ScopeKind, memory_limit: int | None) -> Scope:
         target = target_bytes(memory_limit, self.settings.thresholds)
@@ -95,7 +124,11 @@ class MemoryService:
             # Worker ids are user input: never part of a path.
             directory = self.settings.spill_directory / f"{kind.value}-{os.urandom(6).hex()}"
             data = SpillBuffer(
-                directory, target, budget=self.budget, compression=self.settings.compression
+                directory,
+                target,
+                budget=self.budget,
+                compression=self.settings.compression,
+                scope=name,
             )
         return Scope(
             name,
@@ -104,7 +137,65 @@ class MemoryService:
             thresholds=self.settings.thresholds,
             data=data,
             recent_to_old_time=self.settings.recent_to_old_time,
+            journal=self.journal,
         )
+
+    # --- persistence (persist: true) ----------------------------------------------------
+    def _restore(self, journal: Journal) -> None:
+        """Serve again what a previous daemon left on disk: the service's values, and
+        worker scopes kept (detached) for their workers to attach again."""
+        directory = self.settings.spill_directory
+        recovered = find_values(directory)
+        count_lost(recovered, journal)
+        now = time.monotonic()
+        for name, files in recovered.scopes.items():
+            scope = self.scopes.get(name)
+            if scope is None:
+                # A worker's limit comes with its next hello; until then none.
+                scope = self._new_scope(name, ScopeKind.WORKER, None)
+                scope.detached_since = now
+                self.scopes[name] = scope
+            scope.restore(files)
+        journal.rewrite(self._live_values())
+        total = sum(f.header.size for files in recovered.scopes.values() for f in files.values())
+        logger.info(
+            "Restored %d values (%s) in %d scopes from %s",
+            recovered.values,
+            format_bytes(total),
+            len(recovered.scopes),
+            directory,
+        )
+        if recovered.lost or recovered.damaged:
+            logger.error(
+                "%d values were lost: %d were only in RAM when the previous memctl stopped "
+                "without writing them to disk (killed or crashed), %d had damaged spill files",
+                recovered.lost + recovered.damaged,
+                recovered.lost,
+                recovered.damaged,
+            )
+
+    def _live_values(self) -> set[tuple[str, str]]:
+        """Every (scope, key) stored now (store thread, or before serving)."""
+        return {(scope.name, key) for scope in list(self.scopes.values()) for key in scope.entries}
+
+    async def write_all_to_disk(self) -> None:
+        """At shutdown with persist: move every value in RAM to disk, so the next start
+        serves them all; one log line for any that could not be written."""
+        unwritten = 0
+        for scope in list(self.scopes.values()):
+            result = await self._on_store_thread(scope.evict, everything=True)
+            if result.error:
+                unwritten += scope.sizes.keys_in_memory
+                logger.error("Scope %r: %s", scope.name, result.error)
+        if self.journal is not None:
+            await self._on_store_thread(self._close_journal, self.journal)
+        if unwritten:
+            logger.error("%d values could not be written to disk and are lost", unwritten)
+        logger.info("Every value is on disk in %s", self.settings.spill_directory)
+
+    def _close_journal(self, journal: Journal) -> None:
+        journal.rewrite(self._live_values())
+        journal.close()
 
     async def _on_store_thread(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -145,22 +236,145 @@ class MemoryService:
         await self._on_store_thread(scope.delete, list(scope.entries))
 
     # --- data plane -------------------------------------------------------------------
-    async def check_put(self, scope: Scope, key: str, size: int, metadata: bytes) -> None:
-        """Refuse a Put before any data arrives: bad key or metadata, or no room."""
-        _check_key(key)
-        problem = metadata_problem(metadata)
+    async def put(
+        self,
+        scope: Scope,
+        request: PutRequest,
+        chunks: AsyncIterator[Value],
+        *,
+        wait: float,
+    ) -> Route:
+        """Receive a value and store it; where it went.
+
+        Room is reserved before any data arrives (``Scope.route``): in RAM, the bytes
+        are collected as they arrive; on disk, they are streamed into the spill file
+        and never held whole. With no room now, waits up to ``wait`` seconds for some.
+        The value becomes visible only once complete and checked; a failed, short or
+        cancelled Put leaves nothing behind and the old value intact.
+        """
+        _check_key(request.key)
+        problem = metadata_problem(request.metadata)
         if problem:
             raise InvalidArgument(problem)
-        await self._on_store_thread(scope.admit, size)
+        header_size = header_length(scope.name, request.key, request.metadata)
+        route = await self._reserve(scope, request.size, header_size, wait)
+        try:
+            if route == "memory":
+                data, crc = await _receive(request, chunks)
+                moved = await self._on_store_thread(
+                    _spills_during, scope, scope.put, request.key, data, crc, request.metadata
+                )
+                location: Route = moved.result
+                cause = "took the scope's managed memory over its target"
+            else:
+                await self._stream_to_disk(scope, request, chunks)
+                moved = Moved(route, 1, request.size)
+                location = "disk"
+                cause = (
+                    "went straight to disk: it is larger than the target share"
+                    if request.size > scope.data.target
+                    else "went straight to disk: no room in RAM"
+                )
+        finally:
+            # No await here: this runs on cancellation too.
+            loop = asyncio.get_running_loop()
+            self._store_thread.submit(
+                scope.release, route, request.size, header_size
+            ).add_done_callback(lambda _: _call_soon(loop, self.room_changed))
+        if moved.values:
+            self._record_spill(
+                scope, f"Put of {request.key!r} ({format_bytes(request.size)}) {cause}", moved
+            )
+        return location
 
-    async def put(
-        self, scope: Scope, key: str, value: Value, metadata: bytes
-    ) -> Literal["memory", "disk"]:
-        return await self._on_store_thread(scope.put, key, value, metadata)
+    async def _reserve(self, scope: Scope, size: int, header_size: int, wait: float) -> Route:
+        """Reserve room for a Put, waiting up to ``wait`` seconds for some (backpressure)."""
+        deadline = time.monotonic() + wait
+        while True:
+            route = await self._on_store_thread(scope.route, size, header_size)
+            if route is not None:
+                return route
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResourceExhausted(
+                    await self._on_store_thread(scope.no_room, size)
+                    + f" (waited {wait:.1f} s; memory.put-wait)"
+                )
+            # Room comes back when values are deleted, spilled or finish arriving; the
+            # monitor's tick is the slowest of those, so poll at least that often.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._room.wait(), min(remaining, self.settings.monitor_interval)
+                )
 
-    async def get(self, scope: Scope, key: str) -> tuple[Value, bytes, Literal["memory", "disk"]]:
+    def room_changed(self) -> None:
+        """Wake Puts waiting for room (event loop only)."""
+        self._room.set()
+        self._room = asyncio.Event()
+
+    async def _stream_to_disk(
+        self, scope: Scope, request: PutRequest, chunks: AsyncIterator[Value]
+    ) -> None:
+        writer = await self._on_store_thread(scope.open_writer, request.key, request.metadata)
+        committed = False
+        try:
+            received = 0
+            async for chunk in chunks:
+                received = _check_chunk(request, received, chunk)
+                await self._on_store_thread(writer.write, chunk)
+            _check_whole(request, received, writer.crc)
+            await self._on_store_thread(scope.adopt, request.key, writer, request.metadata)
+            committed = True
+        except OSError as exc:
+            raise ResourceExhausted(
+                f"Put of {request.key!r}: writing it to disk failed ({exc.strerror or exc}); "
+                f"nothing was stored. {scope.data.describe_disk()}"
+            ) from None
+        except SpillFailed as exc:
+            raise ResourceExhausted(f"Put of {request.key!r}: {exc}; nothing was stored") from None
+        finally:
+            if not committed:
+                self._store_thread.submit(writer.abort)
+
+    async def get(self, scope: Scope, key: str) -> ValueRead:
+        """A value for Get: whole, or a checked stream from its spill file (``read_piece``)."""
         _check_key(key)
-        return await self._on_store_thread(scope.get, key)
+        try:
+            moved = await self._on_store_thread(_spills_during, scope, scope.read, key)
+        except DataLoss as exc:
+            self._record_loss(scope, exc)
+            raise
+        if moved.values:
+            self._record_spill(
+                scope, f"Get of {key!r} brought it back to RAM, over the target", moved
+            )
+        return moved.result
+
+    async def read_piece(self, scope: Scope, key: str, reader: SpillReader) -> bytes:
+        """The next piece of a value streamed from disk; DataLoss if the file is damaged."""
+        try:
+            return await self._on_store_thread(reader.read)
+        except SpillFileDamaged as exc:
+            self._store_thread.submit(reader.close)
+            loss = await self._on_store_thread(scope.lose, key, str(exc), reader.path)
+            self._record_loss(scope, loss)
+            raise loss from None
+
+    def close_reader(self, reader: SpillReader) -> None:
+        self._store_thread.submit(reader.close)
+
+    def _record_spill(self, scope: Scope, reason: str, moved: Moved[Any]) -> None:
+        self.events.record(
+            "spill",
+            scope.name,
+            reason,
+            self.readings_now(scope),
+            bytes=moved.bytes,
+            values=moved.values,
+        )
+
+    def _record_loss(self, scope: Scope, loss: DataLoss) -> None:
+        self.events.record("data_loss", scope.name, str(loss), self.readings_now(scope))
 
     async def stat(self, scope: Scope, key: str) -> KeyInfo:
         _check_key(key)
@@ -191,16 +405,26 @@ class MemoryService:
             )
         for key in keys:
             _check_key(key)
-        return await self._on_store_thread(
+        result = await self._on_store_thread(
             scope.evict, keys=keys, nbytes_wanted=nbytes, everything=everything
         )
+        if result.values_moved:
+            self._record_spill(
+                scope,
+                "an Evict call",
+                Moved(None, result.values_moved, result.bytes_moved),
+            )
+            self.room_changed()
+        return result
 
     async def delete(self, scope: Scope, keys: Sequence[str]) -> int:
         if not keys:
             raise InvalidArgument("name at least one key to delete")
         for key in keys:
             _check_key(key)
-        return await self._on_store_thread(scope.delete, keys)
+        deleted = await self._on_store_thread(scope.delete, keys)
+        self.room_changed()
+        return deleted
 
     # --- readings -----------------------------------------------------------------------
     def rss(self) -> int:
@@ -234,7 +458,13 @@ class MemoryService:
 
     async def spill(self, scope: Scope, nbytes: int) -> EvictResult:
         """Move ``nbytes`` of the scope's least recently used values to disk."""
-        return await self._on_store_thread(scope.evict, nbytes_wanted=nbytes)
+        result = await self._on_store_thread(scope.evict, nbytes_wanted=nbytes)
+        self.room_changed()
+        return result
+
+    def readings_now(self, scope: Scope) -> MemoryReadings:
+        """One scope's readings at this moment (for an event)."""
+        return scope.readings(process=self.process_memory(scope, self.rss()), now=time.monotonic())
 
     async def trim(self) -> TrimResult:
         result = await asyncio.to_thread(trim)
@@ -268,6 +498,83 @@ def worker_rss(scope: Scope) -> int:
         return int(psutil.Process(scope.pid).memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return 0
+
+
+@dataclass(frozen=True)
+class PutRequest:
+    """A Put's header, decoded: what is coming."""
+
+    key: str
+    size: int
+    metadata: bytes
+    #: The value's CRC32C as the client computed it, if it sent one.
+    crc: int | None = None
+
+
+@dataclass(frozen=True)
+class Moved(Generic[R]):
+    """What a store operation returned, and the values it moved to disk meanwhile."""
+
+    result: R
+    values: int
+    bytes: int
+
+
+def _spills_during(
+    scope: Scope, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+) -> Moved[R]:
+    """Run a store operation (store thread) and count what it spilled: every spill is
+    an event, whoever caused it."""
+    before = scope.data.counters
+    result = func(*args, **kwargs)
+    after = scope.data.counters
+    return Moved(
+        result,
+        after.spilled_values - before.spilled_values,
+        after.spilled_bytes - before.spilled_bytes,
+    )
+
+
+def _check_chunk(request: PutRequest, received: int, chunk: Value) -> int:
+    """Bytes received after ``chunk``; InvalidArgument past the declared size."""
+    end = received + nbytes(chunk)
+    if end > request.size:
+        raise InvalidArgument(
+            f"Put of {request.key!r}: chunks exceed the declared size of {request.size} "
+            "bytes. Nothing was stored"
+        )
+    return end
+
+
+def _check_whole(request: PutRequest, received: int, crc: int) -> None:
+    """InvalidArgument for a short stream, DataLoss for a value damaged on the way."""
+    if received != request.size:
+        raise InvalidArgument(
+            f"Put of {request.key!r}: the stream ended after {received} of "
+            f"{request.size} declared bytes. Nothing was stored"
+        )
+    if request.crc is not None and crc != request.crc:
+        raise DataLoss(
+            f"Put of {request.key!r}: the value's CRC32C is {crc:#010x}, the client's "
+            f"{request.crc:#010x}: it was damaged on the way. Nothing was stored; put it again"
+        )
+
+
+async def _receive(request: PutRequest, chunks: AsyncIterator[Value]) -> tuple[bytearray, int]:
+    """Collect a value bound for RAM as its chunks arrive (never allocated up front)."""
+    data, crc = bytearray(), 0
+    async for chunk in chunks:
+        _check_chunk(request, len(data), chunk)
+        data += chunk
+        crc = checksum(chunk, crc)
+    _check_whole(request, len(data), crc)
+    return data, crc
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop`` from another thread, unless the loop is gone."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(callback)
 
 
 def _check_key(key: str) -> None:

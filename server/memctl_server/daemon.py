@@ -38,7 +38,7 @@ from .metrics import Metrics, MetricsError, start_metrics
 from .monitor import Monitor
 from .nanny import Nanny
 from .service import MemctlServicer
-from .spilldir import SpillDirectory, create_spill_directory
+from .spilldir import SpillDirectory, create_spill_directory, open_persistent_directory
 from .store import resolve_compression
 
 logger = logging.getLogger("memctl")
@@ -74,11 +74,13 @@ SERVER_OPTIONS = [
 
 
 def settings_from_config(config: Config) -> tuple[ServiceSettings, SpillDirectory]:
-    """Resolve limits and paths; creates the private, locked spill directory (0700),
-    removing the stale ones of dead daemons first."""
+    """Resolve limits and paths; opens the daemon's locked directory (0700): with
+    ``persist``, ``memctl-data``; else a new private ``memctl-spill-*`` one, after
+    removing the stale ones of dead daemons."""
     total, source = total_memory_with_source()
     memory_limit = resolve_memory_limit(config.memory_limit, total_memory=total)
-    spill = create_spill_directory(Path(config.local_directory))
+    root = Path(config.local_directory)
+    spill = open_persistent_directory(root) if config.persist else create_spill_directory(root)
     logger.info(
         "Host memory %s (from %s); service memory limit %s",
         format_bytes(total),
@@ -95,6 +97,8 @@ def settings_from_config(config: Config) -> tuple[ServiceSettings, SpillDirector
         compression=resolve_compression(memory.spill_compression),
         monitor_interval=memory.monitor_interval,
         recent_to_old_time=memory.recent_to_old_time,
+        put_wait=memory.put_wait,
+        persist=config.persist,
         store_factory=config.store.factory,
         store_kwargs=config.store.kwargs,
     )
@@ -155,7 +159,8 @@ class MemctlServer:
     tests start in their own event loop (``async with build_server(config) as server``).
 
     ``start()`` serves (health SERVING, monitor and nanny running); ``stop()`` drains
-    in-flight calls and releases everything, the spill directory included.
+    in-flight calls and releases everything, removing the spill directory (with
+    ``persist``, writes every value to disk and keeps it).
     """
 
     def __init__(
@@ -229,6 +234,8 @@ class MemctlServer:
             if self.nanny is not None:
                 await self.nanny.stop()
             await self.server.stop(grace)
+            if self.core.settings.persist:
+                await self.core.write_all_to_disk()
         finally:
             self._release()
         logger.info("memctl stopped")
@@ -239,7 +246,7 @@ class MemctlServer:
         if self.metrics is not None:
             self.metrics.shutdown()
         self.core.close()
-        self.spill.close(remove=True)
+        self.spill.close(remove=not self.core.settings.persist)
         unix = _unix_path(self.address)
         if unix is not None:
             unix.unlink(missing_ok=True)
@@ -290,7 +297,7 @@ def build_server(config: Config) -> MemctlServer:
             metrics.shutdown()
         if core is not None:
             core.close()
-        spill.close(remove=True)
+        spill.close(remove=not config.persist)
         if isinstance(exc, MemctlError | MetricsError):
             raise StartupError(str(exc)) from exc
         raise

@@ -29,6 +29,12 @@ class FailedPrecondition(MemctlError):
     code = "FAILED_PRECONDITION"
 
 
+class DataLoss(MemctlError):
+    """A stored value was found damaged (its spill file corrupt, truncated or gone)."""
+
+    code = "DATA_LOSS"
+
+
 class DeadlineExceeded(MemctlError):
     code = "DEADLINE_EXCEEDED"
 

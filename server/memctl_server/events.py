@@ -1,4 +1,4 @@
-"""The event log: every spill burst, pause, resume, terminate, restart and trim.
+"""The event log: every spill, pause, resume, terminate, restart, trim and data loss.
 
 Each event is logged as one structured line (logger ``memctl.events``; JSON when
 ``log.format: json``) with its scope, reason and readings, and the last
@@ -20,8 +20,16 @@ from .readings import MemoryReadings
 
 logger = logging.getLogger("memctl.events")
 
-EventKind = Literal["spill", "pause", "resume", "terminate", "restart", "trim"]
-EVENT_KINDS: tuple[EventKind, ...] = ("spill", "pause", "resume", "terminate", "restart", "trim")
+EventKind = Literal["spill", "pause", "resume", "terminate", "restart", "trim", "data_loss"]
+EVENT_KINDS: tuple[EventKind, ...] = (
+    "spill",
+    "pause",
+    "resume",
+    "terminate",
+    "restart",
+    "trim",
+    "data_loss",
+)
 #: How many recent events are kept for the Events RPC.
 CAPACITY = 500
 
@@ -85,6 +93,7 @@ class EventLog:
             assert isinstance(before, int) and isinstance(after, int)
             self.trimmed_bytes[scope] += max(before - after, 0)
         level = logging.WARNING if kind in ("pause", "terminate") else logging.INFO
+        level = logging.ERROR if kind == "data_loss" else level
         # Text logs read "pause scope='w': reason"; JSON logs get every field.
         logger.log(level, "%s scope=%r: %s", kind, scope, reason, extra={"fields": event.fields()})
         return event

@@ -55,6 +55,7 @@ _EVENT_COUNTERS = {
     "terminate": ("memctl.worker.terminations", "TERMINATE commands sent"),
     "restart": ("memctl.worker.restarts", "Supervised workers started again"),
     "trim": ("memctl.trims", "malloc_trim calls, in the service and in workers"),
+    "data_loss": ("memctl.values.lost", "Values dropped because their spill file was damaged"),
 }
 assert set(_EVENT_COUNTERS) | {"spill"} == set(EVENT_KINDS)
 

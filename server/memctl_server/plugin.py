@@ -9,18 +9,20 @@ are off, and values stay wherever the mapping keeps them.
 ``ForeignStore`` gives such a mapping the few extra methods scopes use (location,
 managed bytes, eviction). What it cannot know it does not invent: ``spilled`` is 0,
 and ``managed`` counts values in ``fast`` when ``fast`` is a container, else all.
+The mapping holds the bytes only; checksums and metadata stay here, and every read
+is checked against the checksum, since the mapping may keep values anywhere.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import math
 from collections.abc import Callable, Container, Iterable, MutableMapping, Sized
 from typing import Any, Literal, cast
 
 from .errors import FailedPrecondition
-from .store import ManualEvictProto, SpillCounters, SpillFailed, Value, nbytes
+from .spillfile import SpillReader, SpillWriter
+from .store import ManualEvictProto, Record, SpillCounters, SpillFailed, nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +49,14 @@ def load_factory(import_path: str) -> StoreFactory:
 class ForeignStore:
     """A user's mapping, seen through the interface of ``SpillBuffer``."""
 
+    can_stream = False
+    verifies_reads = False
+
     def __init__(self, mapping: MutableMapping[str, Any], target: float, name: str):
         self.mapping = mapping
         self.target = target
         self.sizes: dict[str, int] = {}
+        self.records: dict[str, tuple[int, bytes]] = {}
         self.total = 0
         self._evicted = [0, 0]
         self.can_spill = isinstance(mapping, ManualEvictProto)
@@ -65,20 +71,42 @@ class ForeignStore:
     def _fast(self) -> object:
         return cast(ManualEvictProto, self.mapping).fast if self.can_spill else None
 
-    def __setitem__(self, key: str, value: Value) -> None:
+    def __setitem__(self, key: str, record: Record) -> None:
+        value = record.data
         self.mapping[key] = value
+        self.records[key] = (record.crc, record.metadata)
         self.total += nbytes(value) - self.sizes.get(key, 0)
         self.sizes[key] = nbytes(value)
         if self.can_spill:
             while self.managed > self.target and self._evict_one() > 0:
                 pass
 
-    def __getitem__(self, key: str) -> Value:
-        return cast(Value, self.mapping[key])
+    def __getitem__(self, key: str) -> Record:
+        crc, metadata = self.records[key]
+        return Record(self.mapping[key], crc, metadata)
 
     def __delitem__(self, key: str) -> None:
         del self.mapping[key]
+        del self.records[key]
         self.total -= self.sizes.pop(key)
+
+    def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
+        raise AssertionError("a configured store takes whole values (can_stream is False)")
+
+    def adopt(self, key: str, writer: SpillWriter) -> None:
+        raise AssertionError("a configured store takes whole values (can_stream is False)")
+
+    def open_reader(self, key: str) -> SpillReader:
+        raise AssertionError("a configured store returns whole values (can_stream is False)")
+
+    def spill_file(self, key: str) -> str | None:
+        return None
+
+    def disk_capacity(self) -> float:
+        return 0.0
+
+    def reserve_disk(self, nbytes: int) -> None:
+        raise AssertionError("a configured store has no disk of memctl's (can_stream is False)")
 
     def location(self, key: str) -> Literal["memory", "disk"] | None:
         if key not in self.sizes:
@@ -109,7 +137,7 @@ class ForeignStore:
         return len(self.sizes) - self.keys_in_memory
 
     def disk_room(self) -> float:
-        return math.inf  # the mapping's own business
+        return 0.0  # memctl streams nothing to the mapping's disk, if it has one
 
     def describe_disk(self) -> str:
         return f"the configured store {type(self.mapping).__name__} decides"

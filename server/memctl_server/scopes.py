@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, ParamSpec, Protocol, TypeVar
@@ -22,9 +22,11 @@ from typing import Literal, ParamSpec, Protocol, TypeVar
 from memctl.sizes import format_bytes
 
 from .engine import ScopeMemo, Thresholds
-from .errors import NotFound, ResourceExhausted
+from .errors import DataLoss, NotFound, ResourceExhausted
+from .persist import FoundFile, Journal
 from .readings import MemoryReadings, UnmanagedHistory
-from .store import SpillCounters, SpillFailed, Value
+from .spillfile import SpillFileDamaged, SpillReader, SpillWriter, checksum
+from .store import OnDisk, Record, SpillBuffer, SpillCounters, SpillFailed, Value
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,10 +38,18 @@ class ScopeStore(Protocol):
 
     target: float
     can_spill: bool
+    #: Values too large for RAM can be streamed into and out of spill files.
+    can_stream: bool
+    #: Reads are checked against the value's checksum by the store itself.
+    verifies_reads: bool
 
-    def __setitem__(self, key: str, value: Value) -> None: ...
-    def __getitem__(self, key: str) -> Value: ...
+    def __setitem__(self, key: str, value: Record) -> None: ...
+    def __getitem__(self, key: str) -> Record: ...
     def __delitem__(self, key: str) -> None: ...
+    def open_writer(self, key: str, metadata: bytes) -> SpillWriter: ...
+    def adopt(self, key: str, writer: SpillWriter) -> None: ...
+    def open_reader(self, key: str) -> SpillReader: ...
+    def spill_file(self, key: str) -> str | None: ...
     def location(self, key: str) -> Literal["memory", "disk"] | None: ...
     @property
     def managed(self) -> int: ...
@@ -52,6 +62,8 @@ class ScopeStore(Protocol):
     @property
     def counters(self) -> SpillCounters: ...
     def disk_room(self) -> float: ...
+    def disk_capacity(self) -> float: ...
+    def reserve_disk(self, nbytes: int) -> None: ...
     def describe_disk(self) -> str: ...
     def evict_bytes(self, wanted: float, moved: list[int]) -> None: ...
     def evict_keys(self, keys: Iterable[str], moved: list[int]) -> None: ...
@@ -120,6 +132,21 @@ class Entry:
 
     size: int
     metadata: bytes
+    #: CRC32C of the value, taken when it arrived.
+    crc: int
+
+
+Route = Literal["memory", "disk"]
+
+
+@dataclass
+class ValueRead:
+    """A value being read: whole (``data``), or in pieces from its spill file (``reader``)."""
+
+    entry: Entry
+    location: Literal["memory", "disk"]
+    data: Value | None = None
+    reader: SpillReader | None = None
 
 
 @dataclass(frozen=True)
@@ -149,13 +176,18 @@ class Scope:
         thresholds: Thresholds,
         data: ScopeStore,
         recent_to_old_time: float,
+        journal: Journal | None = None,
     ):
         self.name = name
+        #: With ``persist: true``, records every value stored and removed.
+        self.journal = journal
         self.kind = kind
         self.memory_limit = memory_limit
         self.thresholds = thresholds
         self.data = data
         self.entries: dict[str, Entry] = {}
+        #: Bytes reserved in RAM for values still arriving (``route``).
+        self.incoming = 0
         self.sizes = StoreSizes()
         self.unmanaged_history = UnmanagedHistory(recent_to_old_time)
         #: The engine's memory of this scope (spilling, paused, terminating).
@@ -218,36 +250,128 @@ class Scope:
         return reading
 
     # --- data plane (store thread) ------------------------------------------------
-    def admit(self, size: int) -> None:
-        """Refuse a Put of ``size`` bytes up front when neither RAM nor disk may take it."""
-        ram_room = self.memory_limit - self.managed if self.memory_limit is not None else math.inf
-        disk_room = self.data.disk_room()
-        if size <= ram_room or size <= disk_room:
-            return
-        limit = format_bytes(self.memory_limit) if self.memory_limit is not None else "none"
-        raise ResourceExhausted(
-            f"a value of {format_bytes(size)} fits neither in RAM (scope {self.name!r}: "
-            f"memory limit {limit}, {format_bytes(self.managed)} managed) nor on disk "
-            f"({self.data.describe_disk()}); "
-            "delete values, or raise --memory-limit or memory.max-spill"
+    def route(self, size: int, header_size: int) -> Route | None:
+        """Where a Put of ``size`` bytes goes, with room reserved there for it; None when
+        neither RAM nor disk has room now (the Put may wait for some).
+
+        RAM takes a value no larger than the target share while the scope's managed
+        bytes (after spilling down to the target, if the disk can take them), the
+        values already arriving and this one stay within the memory limit (the
+        monitor's spill rule then deals with process memory, as for any value).
+        Anything else is streamed to disk, room
+        for it reserved against ``max-spill`` and the free space. Raises
+        ResourceExhausted at once for a value that could never fit.
+        """
+        limit, target = self.memory_limit, self.data.target
+        disk_room = self.data.disk_room() if self.data.can_stream else 0.0
+        on_disk = size + header_size
+        # What RAM will hold once LRU values over the target spill, as far as the disk
+        # can take them.
+        spillable = min(max(self.managed - target, 0), disk_room) if self.data.can_spill else 0
+        floor = self.managed - spillable
+        ram_ok = size <= target and (limit is None or floor + self.incoming + size <= limit)
+        if ram_ok:
+            self.incoming += size
+            return "memory"
+        if on_disk <= disk_room:
+            self.data.reserve_disk(on_disk)
+            return "disk"
+        ram_capacity = min(target, math.inf if limit is None else limit)
+        if size > ram_capacity and on_disk > self.data.disk_capacity():
+            share = format_bytes(int(ram_capacity))
+            raise ResourceExhausted(
+                f"a value of {format_bytes(size)} fits neither in RAM (scope {self.name!r}: "
+                f"memory limit {format_bytes(limit) if limit is not None else 'none'}, target "
+                f"share {share}) nor on disk ({self.data.describe_disk()}); "
+                "delete values, or raise --memory-limit or memory.max-spill"
+            )
+        return None
+
+    def release(self, route: Route, size: int, header_size: int) -> None:
+        """Give back the room ``route`` reserved, once the value is stored or abandoned."""
+        if route == "memory":
+            self.incoming -= size
+        else:
+            self.data.reserve_disk(-(size + header_size))
+
+    def no_room(self, size: int) -> str:
+        """Why a Put of ``size`` bytes found no room, and what to do."""
+        return (
+            f"no room for a value of {format_bytes(size)} in scope {self.name!r}: RAM holds "
+            f"{format_bytes(self.managed)} with {format_bytes(self.incoming)} arriving "
+            f"(memory limit {format_bytes(self.memory_limit) if self.memory_limit else 'none'})"
+            f", and the disk is full ({self.data.describe_disk()}); delete values, raise "
+            "--memory-limit or memory.max-spill, or retry later"
         )
 
     @publishes
-    def put(self, key: str, value: Value, metadata: bytes) -> Literal["memory", "disk"]:
-        """Store ``value``, replacing any old one; where it went."""
-        self.data[key] = value
-        self.entries[key] = Entry(memoryview(value).nbytes, metadata)
+    def put(self, key: str, data: Value, crc: int, metadata: bytes) -> Route:
+        """Store a whole value, replacing any old one; where it went."""
+        self.data[key] = Record(data, crc, metadata)
+        self._stored(key, Entry(memoryview(data).nbytes, metadata, crc))
         location = self.data.location(key)
         assert location is not None
         return location
 
+    def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
+        """Start streaming a value into its spill file (the Put's disk route)."""
+        return self.data.open_writer(key, metadata)
+
     @publishes
-    def get(self, key: str) -> tuple[Value, bytes, Literal["memory", "disk"]]:
-        """The value, its metadata, and where it was before this read."""
+    def adopt(self, key: str, writer: SpillWriter, metadata: bytes) -> None:
+        """Make a fully streamed value visible; SpillFailed if the disk refuses it."""
+        self.data.adopt(key, writer)
+        self._stored(key, Entry(writer.size, metadata, writer.crc))
+
+    def _stored(self, key: str, entry: Entry) -> None:
+        if self.journal is not None:
+            self.journal.added(self.name, key, new=key not in self.entries)
+        self.entries[key] = entry
+
+    def _removed(self, key: str) -> None:
+        del self.data[key]
+        del self.entries[key]
+        if self.journal is not None:
+            self.journal.removed(self.name, key)
+
+    @publishes
+    def restore(self, files: Mapping[str, FoundFile]) -> None:
+        """Take back the values a previous daemon left on disk (``persist: true``)."""
+        assert isinstance(self.data, SpillBuffer), "persist needs the built-in store"
+        for key, found in files.items():
+            self.data.slow.adopt(key, OnDisk(found.path, found.disk_size, found.header))
+            header = found.header
+            self.entries[key] = Entry(header.size, header.metadata, header.crc)
+
+    @publishes
+    def read(self, key: str) -> ValueRead:
+        """A value for Get: whole, or (too large for RAM, on disk) as a checked stream.
+
+        A damaged spill file loses that value only: it is dropped and DataLoss says so.
+        """
         location = self.data.location(key)
         if location is None:
             raise NotFound(f"no value under key {key!r} in scope {self.name!r}")
-        return self.data[key], self.entries[key].metadata, location
+        entry = self.entries[key]
+        try:
+            if location == "disk" and self.data.can_stream and entry.size > self.data.target:
+                return ValueRead(entry, location, reader=self.data.open_reader(key))
+            record = self.data[key]
+            if not self.data.verifies_reads and checksum(record.data) != entry.crc:
+                raise SpillFileDamaged(f"the value of {key!r} no longer matches its checksum")
+        except SpillFileDamaged as exc:
+            raise self.lose(key, str(exc), self.data.spill_file(key)) from None
+        return ValueRead(entry, location, data=record.data)
+
+    @publishes
+    def lose(self, key: str, what: str, spill_file: str | None) -> DataLoss:
+        """Drop a value found damaged (if ``spill_file`` still holds it); the error to raise."""
+        if key in self.entries and self.data.spill_file(key) == spill_file:
+            self._removed(key)
+        return DataLoss(
+            f"the value of {key!r} in scope {self.name!r} is lost: {what}. It has been "
+            "removed; put it again"
+        )
 
     def stat(self, key: str) -> KeyInfo:
         location = self.data.location(key)
@@ -288,7 +412,6 @@ class Scope:
         deleted = 0
         for key in dict.fromkeys(keys):
             if self.data.location(key) is not None:
-                del self.data[key]
-                del self.entries[key]
+                self._removed(key)
                 deleted += 1
         return deleted

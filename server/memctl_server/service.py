@@ -21,7 +21,7 @@ from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
 from .control import Command, ControlPlane, Session, check_rss
-from .core import MemoryService, ScopeSnapshot
+from .core import MemoryService, PutRequest, ScopeSnapshot
 from .engine import Thresholds
 from .errors import DeadlineExceeded, InvalidArgument, MemctlError
 from .events import Event
@@ -29,6 +29,9 @@ from .readings import MemoryReadings
 from .scopes import KeyInfo, Scope
 
 logger = logging.getLogger(__name__)
+
+#: Seconds of a Put's deadline kept back from waiting for room, to answer in time.
+DEADLINE_MARGIN = 0.5
 
 
 def enum_value(enum: Any, prefix: str, name: str) -> Any:
@@ -128,6 +131,17 @@ def event_pb(event: Event) -> pb.Event:
     )
 
 
+async def _chunks_of(key: str, messages: AsyncIterator[pb.PutRequest]) -> AsyncIterator[bytes]:
+    """The data chunks of a Put stream after its header."""
+    async for message in messages:
+        if message.WhichOneof("kind") != "chunk":
+            raise InvalidArgument(
+                f"Put of {key!r}: a second header arrived; a Put stream is one header then "
+                "chunks. Nothing was stored"
+            )
+        yield message.chunk
+
+
 def _chunks(value: bytes | bytearray | memoryview) -> Iterator[bytes]:
     view = memoryview(value)
     for start in range(0, view.nbytes, CHUNK_SIZE):
@@ -153,33 +167,19 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("a Put stream must start with a PutHeader message")
             header = first.header
-            scope = self._scope(context)
-            await self.core.check_put(scope, header.key, header.size, header.metadata)
-            # Assemble privately: the value becomes visible only when complete.
-            value = bytearray(header.size)
-            view = memoryview(value)
-            received = 0
-            async for message in messages:
-                if message.WhichOneof("kind") != "chunk":
-                    raise InvalidArgument(
-                        f"Put of {header.key!r}: a second header arrived; a Put stream is "
-                        "one header then chunks. Nothing was stored"
-                    )
-                end = received + len(message.chunk)
-                if end > header.size:
-                    raise InvalidArgument(
-                        f"Put of {header.key!r}: chunks exceed the declared size of "
-                        f"{header.size} bytes. Nothing was stored"
-                    )
-                view[received:end] = message.chunk
-                received = end
-            view.release()
-            if received != header.size:
-                raise InvalidArgument(
-                    f"Put of {header.key!r}: the stream ended after {received} of "
-                    f"{header.size} declared bytes. Nothing was stored"
-                )
-            location = await self.core.put(scope, header.key, value, header.metadata)
+            request = PutRequest(
+                header.key,
+                header.size,
+                header.metadata,
+                header.crc32c if header.HasField("crc32c") else None,
+            )
+            remaining = context.time_remaining()
+            wait = self.core.settings.put_wait
+            if remaining is not None:
+                wait = max(min(wait, remaining - DEADLINE_MARGIN), 0.0)
+            location = await self.core.put(
+                self._scope(context), request, _chunks_of(header.key, messages), wait=wait
+            )
             return pb.PutResponse(
                 key=header.key,
                 size=header.size,
@@ -191,18 +191,34 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GetResponse]:
         async with _status_errors(context):
-            value, metadata, location = await self.core.get(self._scope(context), request.key)
-        size = memoryview(value).nbytes
+            scope = self._scope(context)
+            read = await self.core.get(scope, request.key)
         yield pb.GetResponse(
             header=pb.GetHeader(
                 key=request.key,
-                size=size,
-                metadata=metadata,
-                location=enum_value(pb.Location, "LOCATION_", location),
+                size=read.entry.size,
+                metadata=read.entry.metadata,
+                location=enum_value(pb.Location, "LOCATION_", read.location),
+                crc32c=read.entry.crc,
             )
         )
-        for chunk in _chunks(value):
-            yield pb.GetResponse(chunk=chunk)
+        if read.data is not None:
+            for chunk in _chunks(read.data):
+                yield pb.GetResponse(chunk=chunk)
+            return
+        reader = read.reader
+        assert reader is not None
+        try:
+            async with _status_errors(context):
+                # One piece held back: the last is sent only once the file has been
+                # checked whole, so a damaged value never reaches a client complete.
+                piece = await self.core.read_piece(scope, request.key, reader)
+                while piece:
+                    following = await self.core.read_piece(scope, request.key, reader)
+                    yield pb.GetResponse(chunk=piece)
+                    piece = following
+        finally:
+            self.core.close_reader(reader)
 
     async def Stat(
         self, request: pb.StatRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -3,7 +3,13 @@
 Built, as Dask's ``distributed.spill`` is, by stacking zict mappings::
 
     SpillBuffer = zict.Buffer(fast={}, slow=Slow, n=target)
-    Slow        = zict.Func(compress, decompress, HashedKeys(PrivateFile(directory)))
+    Slow        = one checksummed spill file per value (spillfile.py)
+
+Values are ``Record``s: the bytes, their CRC32C (computed when the Put arrived) and
+the Put's metadata. A value read back from disk is checked against its CRC; a damaged
+file raises ``SpillFileDamaged``, never returns wrong bytes. Values too large for RAM
+are streamed into their file by the Put (``Slow.open_writer``) and back out by the
+Get (``Slow.open_reader``), never held whole.
 
 Sizes are tracked incrementally (``zict.LRU.total_weight`` for RAM, ``Slow.total_weight``
 for disk) so readings never walk the keys. ``spilled`` counts the bytes really
@@ -25,25 +31,34 @@ import hashlib
 import logging
 import math
 import os
+import secrets
 import shutil
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import zict
-import zict.common
 
 from memctl.sizes import format_bytes
 
+from .spillfile import (
+    Compression,
+    FileHeader,
+    Record,
+    SpillReader,
+    SpillWriter,
+    Value,
+    nbytes,
+    read_record,
+    write_value,
+)
+
 logger = logging.getLogger(__name__)
 
-#: What the store holds: any bytes-like object (values read back from disk are
-#: bytearrays or memoryviews, to avoid a copy).
-Value = bytes | bytearray | memoryview
+__all__ = ["Compression", "Record", "Value", "nbytes"]
 
 
 @runtime_checkable
@@ -79,22 +94,6 @@ class MaxSpillExceeded(Exception):
     """Writing a value would take the spill directory over ``memory.max-spill``."""
 
 
-def nbytes(value: Value) -> int:
-    """Size of a bytes-like value in RAM."""
-    return value.nbytes if isinstance(value, memoryview) else len(value)
-
-
-# --- compression -----------------------------------------------------------------
-# Each file starts with one byte saying how the rest is encoded, so the setting can
-# change between runs and incompressible data is stored as it is.
-_RAW, _LZ4, _ZLIB = b"\x00", b"\x01", b"\x02"
-#: Compress only if a sample shrinks below this fraction (as Dask's maybe_compress).
-_WORTH_IT = 0.9
-_SAMPLE = 64 * 1024
-
-Compression = Literal["lz4", "zlib", "none"]
-
-
 def resolve_compression(setting: str) -> Compression:
     """``auto`` means lz4 when it is installed, as in Dask; else none."""
     if setting == "auto":
@@ -108,116 +107,29 @@ def resolve_compression(setting: str) -> Compression:
     raise ValueError(f"unknown spill compression {setting!r}; use auto, lz4, zlib or none")
 
 
-def _compressor(kind: Compression) -> tuple[bytes, Callable[[memoryview], bytes]] | None:
-    if kind == "lz4":
-        import lz4.frame
-
-        return _LZ4, lz4.frame.compress
-    if kind == "zlib":
-        return _ZLIB, lambda data: zlib.compress(data, 1)
-    return None
-
-
-def make_dump(kind: Compression) -> Callable[[Value], list[Value]]:
-    """Return ``dump(value) -> list of buffers`` for ``kind``; the first is the tag."""
-    compressor = _compressor(kind)
-
-    def dump(value: Value) -> list[Value]:
-        if compressor is not None and nbytes(value) > 0:
-            tag, compress = compressor
-            view = memoryview(value)
-            sample = view[:_SAMPLE]
-            if len(compress(sample)) < _WORTH_IT * sample.nbytes:
-                packed = compress(view)
-                if len(packed) < _WORTH_IT * view.nbytes:
-                    return [tag, packed]
-        return [_RAW, value]
-
-    return dump
-
-
-def load(stored: Value) -> Value:
-    """Undo ``dump``: read the tag, decompress if needed, never copy raw data."""
-    view = memoryview(stored)
-    tag, body = bytes(view[:1]), view[1:]
-    if tag == _RAW:
-        return body
-    if tag == _LZ4:
-        import lz4.frame
-
-        return lz4.frame.decompress(body)  # type: ignore[no-any-return]
-    if tag == _ZLIB:
-        return zlib.decompress(body)
-    raise ValueError(f"spill file has unknown encoding tag {tag!r}: corrupted")
-
-
-# --- the disk tier -------------------------------------------------------------------
-class PrivateFile(zict.File):
-    """``zict.File`` whose files are readable by the service's user only (0600), and
-    which removes a half-written file when a write fails (disk full)."""
-
-    def __setitem__(self, key: str, value: Value | list[Value] | tuple[Value, ...]) -> None:
-        self.discard(key)
-        name = self._safe_key(key)
-        path = os.path.join(self.directory, name)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb") as fh:
-                fh.writelines(value if isinstance(value, list | tuple) else [value])
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.remove(path)
-            raise
-        self.filenames[key] = name
-
-
-class HashedKeys(zict.common.ZictBase[str, Any]):
-    """Store under a digest of each key, never the key itself.
-
-    Keys are arbitrary UTF-8 strings up to 4096 bytes (``../../etc/passwd``,
-    ``a/b\\x00c``); file names are 64 hex characters.
-    """
-
-    # Values are written as a list of frames and read back as one buffer: Any.
-    def __init__(self, d: MutableMapping[str, Any]):
-        super().__init__()
-        self.d = d
-        self.names: dict[str, str] = {}
-
-    @staticmethod
-    def digest(key: str) -> str:
-        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-    def __getitem__(self, key: str) -> Any:
-        return self.d[self.names[key]]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        name = self.digest(key)
-        self.d[name] = value
-        self.names[key] = name
-
-    def __delitem__(self, key: str) -> None:
-        del self.d[self.names.pop(key)]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
+def file_stem(key: str) -> str:
+    """A spill file's name: a digest of the key (keys are user input, never paths) and a
+    random suffix, so a value being streamed never collides with the one it replaces."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return f"{digest}-{secrets.token_hex(4)}"
 
 
 class SpillBudget:
-    """Bytes on disk across every scope, against ``memory.max-spill`` (host-wide)."""
+    """Bytes on disk across every scope, against ``memory.max-spill`` (host-wide).
+
+    ``reserved`` counts values being streamed to disk, so that concurrent Puts cannot
+    together promise more than there is room for.
+    """
 
     def __init__(self, max_bytes: int | Literal[False] = False):
         self.max_bytes = max_bytes
         self.used = 0
+        self.reserved = 0
 
     def room(self) -> float:
-        return math.inf if self.max_bytes is False else self.max_bytes - self.used
+        if self.max_bytes is False:
+            return math.inf
+        return self.max_bytes - self.used - self.reserved
 
     def describe(self) -> str:
         if self.max_bytes is False:
@@ -225,54 +137,124 @@ class SpillBudget:
         return f"max-spill {format_bytes(self.max_bytes)}, {format_bytes(self.used)} spilled"
 
 
-class Slow(zict.Func[str, Value, Any]):
-    """The disk tier: compresses, enforces ``max-spill``, counts real bytes on disk."""
+@dataclass(frozen=True)
+class OnDisk:
+    """Where a spilled value is and what its file says."""
 
-    def __init__(self, directory: Path, *, budget: SpillBudget, compression: Compression):
-        super().__init__(make_dump(compression), load, HashedKeys(PrivateFile(directory)))
+    path: str
+    disk_size: int
+    header: FileHeader
+
+
+# --- the disk tier -------------------------------------------------------------------
+class Slow(MutableMapping[str, Record]):
+    """The disk tier: one checksummed spill file per value (``spillfile.py``), files
+    readable by the service's user only (0600); enforces ``max-spill`` and counts the
+    real bytes on disk.
+
+    Reads are checked: a damaged file raises ``SpillFileDamaged`` and is never
+    returned as data.
+    """
+
+    def __init__(
+        self, directory: Path, *, scope: str, budget: SpillBudget, compression: Compression
+    ):
+        self.directory = directory
+        self.scope = scope
         self.budget = budget
-        self.weight_by_key: dict[str, int] = {}
+        self.compression = compression
+        self.files: dict[str, OnDisk] = {}
         self.total_weight = 0
         self.seconds = 0.0
 
-    def __setitem__(self, key: str, value: Value) -> None:
+    def _ensure_directory(self) -> str:
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        return str(self.directory)
+
+    def __setitem__(self, key: str, record: Record) -> None:
         started = time.perf_counter()
         try:
-            self._write(key, value)
+            path, header, disk_size = write_value(
+                self._ensure_directory(),
+                file_stem(key),
+                scope=self.scope,
+                key=key,
+                record=record,
+                compression=self.compression,
+            )
+            self.adopt(key, OnDisk(path, disk_size, header))
         finally:
             self.seconds += time.perf_counter() - started
 
-    def _write(self, key: str, value: Value) -> None:
-        frames: list[Value] = self.dump(value)
-        size = sum(nbytes(f) for f in frames)
-        growth = size - self.weight_by_key.get(key, 0)
+    def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
+        """A writer for a value streamed straight to disk; ``adopt`` its result."""
+        return SpillWriter(
+            self._ensure_directory(),
+            file_stem(key),
+            scope=self.scope,
+            key=key,
+            metadata=metadata,
+            compression=self.compression,
+        )
+
+    def adopt(self, key: str, on_disk: OnDisk) -> None:
+        """Take a complete spill file as the value of ``key`` (replacing any older one).
+
+        Refuses (and removes it) if it takes the directory over ``max-spill``.
+        """
+        growth = on_disk.disk_size - (self.files[key].disk_size if key in self.files else 0)
         if growth > self.budget.room():
+            os.remove(on_disk.path)
             raise MaxSpillExceeded(
-                f"writing {format_bytes(size)} to disk would exceed memory.max-spill "
-                f"({self.budget.describe()})"
+                f"writing {format_bytes(on_disk.disk_size)} to disk would exceed "
+                f"memory.max-spill ({self.budget.describe()})"
             )
-        self.d[key] = frames
-        self.total_weight += growth
-        self.budget.used += growth
-        self.weight_by_key[key] = size
+        if key in self.files:
+            self._remove(key)
+        self.files[key] = on_disk
+        self.total_weight += on_disk.disk_size
+        self.budget.used += on_disk.disk_size
+
+    def __getitem__(self, key: str) -> Record:
+        on_disk = self.files[key]
+        return read_record(on_disk.path, key, on_disk.header.crc)
+
+    def open_reader(self, key: str) -> SpillReader:
+        on_disk = self.files[key]
+        return SpillReader(on_disk.path, key, on_disk.header.crc)
+
+    def _remove(self, key: str) -> None:
+        on_disk = self.files.pop(key)
+        with suppress(FileNotFoundError):
+            os.remove(on_disk.path)
+        self.total_weight -= on_disk.disk_size
+        self.budget.used -= on_disk.disk_size
 
     def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        size = self.weight_by_key.pop(key, 0)
-        self.total_weight -= size
-        self.budget.used -= size
+        self._remove(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 # --- the buffer ----------------------------------------------------------------------
-class SpillBuffer(zict.Buffer[str, Value]):
-    """A ``MutableMapping[str, bytes]`` that spills its LRU values beyond ``target``.
+class SpillBuffer(zict.Buffer[str, Record]):
+    """A ``MutableMapping[str, Record]`` that spills its LRU values beyond ``target``.
 
     ``target`` is in bytes (``inf`` for none). A value heavier than the target goes
     straight to disk (zict's "heavy" keys).
     """
 
-    fast: zict.LRU[str, Value]
+    fast: zict.LRU[str, Record]
     slow: Slow
+    can_stream = True
+    verifies_reads = True
 
     def __init__(
         self,
@@ -281,12 +263,13 @@ class SpillBuffer(zict.Buffer[str, Value]):
         *,
         budget: SpillBudget,
         compression: Compression = "none",
+        scope: str = "",
     ):
         super().__init__(
             fast={},
-            slow=Slow(directory, budget=budget, compression=compression),
+            slow=Slow(directory, scope=scope, budget=budget, compression=compression),
             n=target,
-            weight=lambda _key, value: nbytes(value),
+            weight=lambda _key, record: record.size,
             fast_to_slow_callbacks=[self._count_spill],
             slow_to_fast_callbacks=[self._count_read],
         )
@@ -295,12 +278,12 @@ class SpillBuffer(zict.Buffer[str, Value]):
         self._spilled = [0, 0]
         self._read = [0, 0]
 
-    def _count_spill(self, _key: str, value: Value) -> None:
-        self._spilled[0] += nbytes(value)
+    def _count_spill(self, _key: str, record: Record) -> None:
+        self._spilled[0] += record.size
         self._spilled[1] += 1
 
-    def _count_read(self, _key: str, value: Value) -> None:
-        self._read[0] += nbytes(value)
+    def _count_read(self, _key: str, record: Record) -> None:
+        self._read[0] += record.size
         self._read[1] += 1
 
     @property
@@ -335,14 +318,34 @@ class SpillBuffer(zict.Buffer[str, Value]):
         else:
             self._failing = None
 
-    def __setitem__(self, key: str, value: Value) -> None:
+    def __setitem__(self, key: str, value: Record) -> None:
         try:
             with self._handle_errors():
                 super().__setitem__(key, value)
         except SpillFailed:
             pass  # the value is stored (in RAM); the failure is logged
 
-    def __getitem__(self, key: str) -> Value:
+    def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
+        """Stream a value straight into a spill file; ``adopt`` it when complete."""
+        return self.slow.open_writer(key, metadata)
+
+    def adopt(self, key: str, writer: SpillWriter) -> None:
+        """Make a streamed value the value of ``key``. Raises SpillFailed (the file is
+        removed, any old value kept) if the disk or max-spill cannot take it."""
+        with self._handle_errors():
+            path = writer.path
+            header, disk_size = writer.commit()
+            self.slow.adopt(key, OnDisk(path, disk_size, header))
+            if key in self.fast:  # the old value, replaced only now that the new one is safe
+                del self.fast[key]
+            self._spilled[0] += header.size
+            self._spilled[1] += 1
+
+    def open_reader(self, key: str) -> SpillReader:
+        """Read a value on disk back in pieces, without bringing it to RAM."""
+        return self.slow.open_reader(key)
+
+    def __getitem__(self, key: str) -> Record:
         # Bringing a value back to RAM may push others out; if that fails the value
         # is still returned (Dask's SpillBuffer does the same).
         try:
@@ -402,12 +405,28 @@ class SpillBuffer(zict.Buffer[str, Value]):
         return len(self.slow)
 
     def disk_room(self) -> float:
-        """Bytes that may still be spilled: max-spill and the disk's free space."""
-        return min(self.slow.budget.room(), shutil.disk_usage(self.directory).free)
+        """Bytes that may still be spilled now: max-spill and the disk's free space, less
+        what values being streamed to disk have reserved."""
+        free = shutil.disk_usage(self.directory.parent).free - self.slow.budget.reserved
+        return min(self.slow.budget.room(), free)
+
+    def disk_capacity(self) -> float:
+        """Bytes that could be spilled if nothing else were arriving."""
+        budget = self.slow.budget
+        return min(budget.room() + budget.reserved, shutil.disk_usage(self.directory.parent).free)
+
+    def reserve_disk(self, nbytes: int) -> None:
+        """Reserve (or, negative, give back) disk room for a value being streamed."""
+        self.slow.budget.reserved += nbytes
 
     def describe_disk(self) -> str:
-        free = shutil.disk_usage(self.directory).free
+        free = shutil.disk_usage(self.directory.parent).free
         return f"{self.slow.budget.describe()}, {format_bytes(free)} free on disk"
+
+    def spill_file(self, key: str) -> str | None:
+        """The path of a value's spill file; None while it is in RAM."""
+        on_disk = self.slow.files.get(key)
+        return on_disk.path if on_disk else None
 
     @property
     def managed(self) -> int:

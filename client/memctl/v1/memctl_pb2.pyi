@@ -140,6 +140,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """A supervised worker was started again."""
     EVENT_KIND_TRIM: _EventKind.ValueType  # 6
     """malloc_trim ran in the service or in a worker."""
+    EVENT_KIND_DATA_LOSS: _EventKind.ValueType  # 7
+    """A value was found damaged (spill file corrupt, truncated or missing) and
+    dropped; reads of it get DATA_LOSS.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """EventKind is what happened."""
@@ -154,6 +158,10 @@ EVENT_KIND_RESTART: EventKind.ValueType  # 5
 """A supervised worker was started again."""
 EVENT_KIND_TRIM: EventKind.ValueType  # 6
 """malloc_trim ran in the service or in a worker."""
+EVENT_KIND_DATA_LOSS: EventKind.ValueType  # 7
+"""A value was found damaged (spill file corrupt, truncated or missing) and
+dropped; reads of it get DATA_LOSS.
+"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -165,6 +173,7 @@ class PutHeader(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """UTF-8, 1 to 4096 bytes. Any characters are allowed; keys are never used
     as file names.
@@ -175,18 +184,26 @@ class PutHeader(_message.Message):
     """Opaque bytes stored beside the value and returned untouched by Get (for
     example a serialization header). At most 64 KiB.
     """
+    crc32c: _builtins.int
+    """CRC32C (Castagnoli) of the whole value, if the client computed it. The
+    service checks it when the last chunk arrives and refuses a mismatch with
+    DATA_LOSS, storing nothing. The service computes its own in any case.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         size: _builtins.int = ...,
         metadata: _builtins.bytes = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "metadata", b"metadata", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "key", b"key", "metadata", b"metadata", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
 
 Global___PutHeader: _TypeAlias = PutHeader  # noqa: Y015
 
@@ -278,11 +295,17 @@ class GetHeader(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     size: _builtins.int
     metadata: _builtins.bytes
     location: Global___Location.ValueType
     """Where the value was when the Get arrived."""
+    crc32c: _builtins.int
+    """CRC32C (Castagnoli) of the value, taken when it was put: a client checks
+    what it received against it. A value whose spill file turns out damaged
+    is never sent as data: Get fails with DATA_LOSS and the value is dropped.
+    """
     def __init__(
         self,
         *,
@@ -290,10 +313,11 @@ class GetHeader(_message.Message):
         size: _builtins.int = ...,
         metadata: _builtins.bytes = ...,
         location: Global___Location.ValueType = ...,
+        crc32c: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "location", b"location", "metadata", b"metadata", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "key", b"key", "location", b"location", "metadata", b"metadata", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,6 +96,9 @@ class MemctlServiceServicer:
         ones the data in chunks of about 1 MiB. The value becomes visible only once
         the last chunk has arrived and the total matches the declared size: a
         cancelled or short Put leaves nothing behind and the old value intact.
+        Room is reserved for the declared size before data is accepted; with no
+        room in RAM nor on disk the Put waits (up to memory.put-wait or its
+        deadline), then fails with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +107,9 @@ class MemctlServiceServicer:
     def Get(self, request, context):
         """Get streams a value back: a GetHeader first, then the data in chunks.
         A spilled value is read back from disk, and returns to RAM when it fits.
+        DATA_LOSS if its spill file is damaged; the stream may then end after some
+        chunks, never with all of them: a client uses a value only once it has
+        received GetHeader.size bytes matching GetHeader.crc32c.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

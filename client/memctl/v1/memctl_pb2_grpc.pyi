@@ -45,10 +45,16 @@ class MemctlServiceStub:
     ones the data in chunks of about 1 MiB. The value becomes visible only once
     the last chunk has arrived and the total matches the declared size: a
     cancelled or short Put leaves nothing behind and the old value intact.
+    Room is reserved for the declared size before data is accepted; with no
+    room in RAM nor on disk the Put waits (up to memory.put-wait or its
+    deadline), then fails with RESOURCE_EXHAUSTED.
     """
     Get: _grpc.UnaryStreamMultiCallable[_memctl_pb2.GetRequest, _memctl_pb2.GetResponse]
     """Get streams a value back: a GetHeader first, then the data in chunks.
     A spilled value is read back from disk, and returns to RAM when it fits.
+    DATA_LOSS if its spill file is damaged; the stream may then end after some
+    chunks, never with all of them: a client uses a value only once it has
+    received GetHeader.size bytes matching GetHeader.crc32c.
     """
     Stat: _grpc.UnaryUnaryMultiCallable[_memctl_pb2.StatRequest, _memctl_pb2.StatResponse]
     """Stat describes one value without reading it."""
@@ -81,10 +87,16 @@ class MemctlServiceAsyncStub(MemctlServiceStub):
     ones the data in chunks of about 1 MiB. The value becomes visible only once
     the last chunk has arrived and the total matches the declared size: a
     cancelled or short Put leaves nothing behind and the old value intact.
+    Room is reserved for the declared size before data is accepted; with no
+    room in RAM nor on disk the Put waits (up to memory.put-wait or its
+    deadline), then fails with RESOURCE_EXHAUSTED.
     """
     Get: _aio.UnaryStreamMultiCallable[_memctl_pb2.GetRequest, _memctl_pb2.GetResponse]  # type: ignore[assignment]
     """Get streams a value back: a GetHeader first, then the data in chunks.
     A spilled value is read back from disk, and returns to RAM when it fits.
+    DATA_LOSS if its spill file is damaged; the stream may then end after some
+    chunks, never with all of them: a client uses a value only once it has
+    received GetHeader.size bytes matching GetHeader.crc32c.
     """
     Stat: _aio.UnaryUnaryMultiCallable[_memctl_pb2.StatRequest, _memctl_pb2.StatResponse]  # type: ignore[assignment]
     """Stat describes one value without reading it."""
@@ -120,6 +132,9 @@ class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
         ones the data in chunks of about 1 MiB. The value becomes visible only once
         the last chunk has arrived and the total matches the declared size: a
         cancelled or short Put leaves nothing behind and the old value intact.
+        Room is reserved for the declared size before data is accepted; with no
+        room in RAM nor on disk the Put waits (up to memory.put-wait or its
+        deadline), then fails with RESOURCE_EXHAUSTED.
         """
 
     @_abc_1.abstractmethod
@@ -130,6 +145,9 @@ class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_memctl_pb2.GetResponse], _abc.AsyncIterator[_memctl_pb2.GetResponse]]:
         """Get streams a value back: a GetHeader first, then the data in chunks.
         A spilled value is read back from disk, and returns to RAM when it fits.
+        DATA_LOSS if its spill file is damaged; the stream may then end after some
+        chunks, never with all of them: a client uses a value only once it has
+        received GetHeader.size bytes matching GetHeader.crc32c.
         """
 
     @_abc_1.abstractmethod
