@@ -44,6 +44,21 @@ from .scopes import Scope
 logger = logging.getLogger(__name__)
 
 MAX_WORKER_ID_BYTES = 256
+#: Most bytes a worker may report as its RSS: 1 PiB, far above any host's memory yet
+#: far below 2**64, so sums of readings always fit the contract's uint64 fields. (Not
+#: a multiple of this host's memory: a worker in another cgroup may see more.)
+MAX_RSS = 1 << 50
+MAX_NTHREADS = 65536
+MAX_MEMORY_LIMIT_TEXT = 64
+
+
+def check_rss(value: int, what: str) -> None:
+    """Refuse an RSS no process can have: it would poison every reading summed from it."""
+    if value > MAX_RSS:
+        raise InvalidArgument(
+            f"{what} is {value} bytes, more than the {MAX_RSS} (1 PiB) any process can "
+            "have; report the worker's real RSS in bytes, or leave it unset"
+        )
 
 
 class Supervisor(Protocol):
@@ -154,7 +169,16 @@ class ControlPlane:
                 f"worker id {worker_id!r} is already attached (pid "
                 f"{self.attached[worker_id].pid}); give every worker a unique id"
             )
+        if nthreads > MAX_NTHREADS:
+            raise InvalidArgument(
+                f"Hello.nthreads is {nthreads}; give 1 to {MAX_NTHREADS} (0 means 1)"
+            )
         nthreads = max(nthreads, 1)
+        if len(memory_limit) > MAX_MEMORY_LIMIT_TEXT:
+            raise InvalidArgument(
+                f"Hello.memory_limit is {len(memory_limit)} characters long; give at most "
+                f"{MAX_MEMORY_LIMIT_TEXT}, e.g. auto, 4 GiB, 0.5 or none"
+            )
         try:
             limit = resolve_memory_limit(
                 memory_limit or "auto",
@@ -192,6 +216,9 @@ class ControlPlane:
         return session
 
     def heartbeat(self, session: Session, rss: int | None) -> None:
+        """Note a heartbeat; an impossible RSS is refused and changes nothing."""
+        if rss is not None:
+            check_rss(rss, "Heartbeat.rss")
         session.scope.reported_rss = rss
         session.reports_rss = session.reports_rss or rss is not None
         if session.silent:

@@ -399,7 +399,12 @@ class MemoryService:
         self, scope: Scope, *, prefix: str, page_size: int, page_token: str
     ) -> tuple[list[KeyInfo], str]:
         """One page of keys and the token for the next ("" on the last page)."""
-        size = min(page_size or MAX_PAGE, MAX_PAGE)
+        if page_size > MAX_PAGE:
+            raise InvalidArgument(
+                f"page_size is {page_size}; ask for at most {MAX_PAGE} keys a page "
+                f"(0 means {MAX_PAGE}) and follow next_page_token"
+            )
+        size = page_size or MAX_PAGE
         page = await self._on_store_thread(scope.list_keys, prefix, page_token, size + 1)
         if len(page) > size:
             return page[:size], page[size - 1].key

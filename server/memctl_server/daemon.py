@@ -2,7 +2,9 @@
 
 Process-level concerns only: resolving the configuration into settings, the
 private spill directory, binding (loudly refusing an address in use), health and
-reflection, signals and graceful drain. The domain is in ``core.py``.
+reflection, signals and graceful drain. ``build_server`` assembles all of it but
+signals and the stdout line, so tests can run a daemon inside their own event loop.
+The domain is in ``core.py``; the call rules every method shares in ``edge.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import asyncio
 import errno
 import json
 import logging
-import shutil
 import signal
 import socket
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -26,18 +26,19 @@ from grpc_reflection.v1alpha import reflection
 from memctl.sizes import format_bytes
 from memctl.trim import pin_mmap_threshold
 from memctl.v1 import memctl_pb2 as pb
-from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
 from .config import ServiceConfig as Config
 from .control import ControlPlane
 from .core import MemoryService, ServiceSettings
+from .edge import add_memctl_service
 from .engine import EngineSettings, Thresholds
-from .errors import MemctlError
+from .errors import MemctlError, StartupError
 from .limits import resolve_memory_limit, total_memory_with_source
-from .metrics import MetricsError, start_metrics
+from .metrics import Metrics, MetricsError, start_metrics
 from .monitor import Monitor
 from .nanny import Nanny
 from .service import MemctlServicer
+from .spilldir import SpillDirectory, create_spill_directory, open_persistent_directory
 from .store import resolve_compression
 
 logger = logging.getLogger("memctl")
@@ -45,6 +46,8 @@ logger = logging.getLogger("memctl")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemctlService"].full_name
 #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
 DRAIN_GRACE = 5.0
+#: Calls gRPC core may hold, per method, before the aio server picks them up.
+MAX_QUEUED_CALLS = 50_000
 
 SERVER_OPTIONS = [
     # A second daemon on the same port must fail, not share it.
@@ -55,30 +58,29 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # Why a burst of calls got a bare CANCELLED: gRPC core queues the calls that have
+    # arrived but that the aio server has not yet picked up (it asks core for one
+    # call per method at a time, from the event loop, so a burst outruns it). That
+    # backlog is shed at random between 1000 and 3000 queued calls per method (core's
+    # RandomEarlyDetection, grpc.server.max_pending_requests and its _hard_limit),
+    # and on the HTTP/2 transport a shed call is just unreferenced, i.e. cancelled:
+    # the client sees RST_STREAM(CANCEL), CANCELLED with no message, at ~30% of a
+    # 5000-call burst. A longer backlog makes such callers wait instead; what bounds
+    # the work is ``edge.MAX_ACTIVE_CALLS`` (RESOURCE_EXHAUSTED with a message), and
+    # client deadlines. Each queued call costs ~10 KiB.
+    ("grpc.server.max_pending_requests", MAX_QUEUED_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_QUEUED_CALLS),
 ]
 
 
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
-
-
-def settings_from_config(config: Config) -> ServiceSettings:
-    """Resolve limits and paths; creates the private spill directory (mode 0700)."""
+def settings_from_config(config: Config) -> tuple[ServiceSettings, SpillDirectory]:
+    """Resolve limits and paths; opens the daemon's locked directory (0700): with
+    ``persist``, ``memctl-data``; else a new private ``memctl-spill-*`` one, after
+    removing the stale ones of dead daemons."""
     total, source = total_memory_with_source()
     memory_limit = resolve_memory_limit(config.memory_limit, total_memory=total)
     root = Path(config.local_directory)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if config.persist:
-            spill_directory = root / "memctl-data"
-            spill_directory.mkdir(mode=0o700, exist_ok=True)
-        else:
-            spill_directory = Path(tempfile.mkdtemp(prefix="memctl-spill-", dir=root))
-    except OSError as exc:
-        raise StartupError(
-            f"cannot create a spill directory in {root}: {exc.strerror}; "
-            "choose another --local-directory"
-        ) from exc
+    spill = open_persistent_directory(root) if config.persist else create_spill_directory(root)
     logger.info(
         "Host memory %s (from %s); service memory limit %s",
         format_bytes(total),
@@ -86,11 +88,11 @@ def settings_from_config(config: Config) -> ServiceSettings:
         format_bytes(memory_limit) if memory_limit else "none",
     )
     memory = config.memory
-    return ServiceSettings(
+    settings = ServiceSettings(
         memory_limit=memory_limit,
         total_memory=total,
         thresholds=Thresholds(memory.target, memory.spill, memory.pause, memory.terminate),
-        spill_directory=spill_directory,
+        spill_directory=spill.path,
         max_spill=memory.max_spill,
         compression=resolve_compression(memory.spill_compression),
         monitor_interval=memory.monitor_interval,
@@ -100,6 +102,7 @@ def settings_from_config(config: Config) -> ServiceSettings:
         store_factory=config.store.factory,
         store_kwargs=config.store.kwargs,
     )
+    return settings, spill
 
 
 def _unix_path(address: str) -> Path | None:
@@ -151,32 +154,135 @@ def _bind(server: grpc.aio.Server, address: str) -> str:
     return address
 
 
-async def serve(config: Config) -> int:
-    """Run the daemon until SIGTERM/SIGINT; 0 on a clean exit."""
-    pin_mmap_threshold()
-    settings = settings_from_config(config)
+class MemctlServer:
+    """A daemon's parts, bound and ready to start: what ``memctl serve`` runs, and what
+    tests start in their own event loop (``async with build_server(config) as server``).
+
+    ``start()`` serves (health SERVING, monitor and nanny running); ``stop()`` drains
+    in-flight calls and releases everything, removing the spill directory (with
+    ``persist``, writes every value to disk and keeps it).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        spill: SpillDirectory,
+        core: MemoryService,
+        control: ControlPlane,
+        metrics: Metrics | None,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        address: str,
+    ):
+        self.config = config
+        self.spill = spill
+        self.core = core
+        self.control = control
+        self.metrics = metrics
+        self.server = server
+        self.health = health_servicer
+        #: The address really bound (port 0 resolved).
+        self.address = address
+        self.nanny: Nanny | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        try:
+            await self.server.start()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            config = self.config
+            monitor = Monitor(
+                self.core,
+                self.control,
+                self.core.events,
+                EngineSettings(
+                    resume_margin=config.memory.resume_margin,
+                    pause_timeout=config.memory.pause_timeout,
+                ),
+                self.core.settings.monitor_interval,
+            )
+            self._background.append(asyncio.create_task(monitor.run()))
+            if config.nanny.worker:
+                self.nanny = Nanny(
+                    config.nanny.worker,
+                    config.nanny.nworkers,
+                    environ=config.nanny.environ,
+                    address=self.address,
+                    terminate_notice=config.nanny.terminate_notice,
+                    terminate_grace=config.nanny.terminate_grace,
+                    events=self.core.events,
+                )
+                self.control.supervisor = self.nanny
+                self.nanny.start()
+        except BaseException:
+            await self.server.stop(None)
+            self._release()
+            raise
+        logger.info(
+            "memctl %s serving on %s, spilling to %s",
+            self.core.version,
+            self.address,
+            self.spill.path,
+        )
+
+    async def stop(self, grace: float = DRAIN_GRACE) -> None:
+        """Stop accepting calls, let in-flight ones finish (up to ``grace`` s), clean up."""
+        logger.info("Shutting down: draining in-flight calls (up to %.0f s)", grace)
+        try:
+            await self.health.enter_graceful_shutdown()
+            self.control.shutdown()
+            if self.nanny is not None:
+                await self.nanny.stop()
+            await self.server.stop(grace)
+            if self.core.settings.persist:
+                await self.core.write_all_to_disk()
+        finally:
+            self._release()
+        logger.info("memctl stopped")
+
+    def _release(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+        self.core.close()
+        self.spill.close(remove=not self.core.settings.persist)
+        unix = _unix_path(self.address)
+        if unix is not None:
+            unix.unlink(missing_ok=True)
+
+    async def __aenter__(self) -> MemctlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def build_server(config: Config) -> MemctlServer:
+    """Everything ``memctl serve`` sets up, bound to ``config.address`` but not started.
+
+    Call it inside a running event loop (grpc's aio server binds to it). Raises
+    StartupError, having released what it made, when the daemon cannot start.
+    """
+    settings, spill = settings_from_config(config)
+    core: MemoryService | None = None
+    metrics: Metrics | None = None
     try:
         core = MemoryService(settings)
         metrics = start_metrics(core, config.metrics)
-    except (MemctlError, MetricsError) as exc:
-        if not settings.persist:
-            shutil.rmtree(settings.spill_directory, ignore_errors=True)
-        raise StartupError(str(exc)) from exc
-    server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
-    )
-    health_servicer = health.aio.HealthServicer()
-    bound_socket: Path | None = None
-    nanny: Nanny | None = None
-    background: list[asyncio.Task[None]] = []
-    try:
+        server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
+        )
         control = ControlPlane(
             core,
             heartbeat_interval=config.control.heartbeat_interval,
             heartbeat_timeout=config.control.heartbeat_timeout,
             retention=config.control.retention,
         )
-        pb_grpc.add_MemctlServiceServicer_to_server(MemctlServicer(core, control), server)
+        add_memctl_service(server, MemctlServicer(core, control))
+        health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (
@@ -187,67 +293,29 @@ async def serve(config: Config) -> int:
             server,
         )
         address = _bind(server, config.address)
-        bound_socket = _unix_path(address)
-        await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info(
-            "memctl %s serving on %s, spilling to %s",
-            core.version,
-            address,
-            settings.spill_directory,
-        )
+    except BaseException as exc:
+        if metrics is not None:
+            metrics.shutdown()
+        if core is not None:
+            core.close()
+        spill.close(remove=not config.persist)
+        if isinstance(exc, MemctlError | MetricsError):
+            raise StartupError(str(exc)) from exc
+        raise
+    return MemctlServer(config, spill, core, control, metrics, server, health_servicer, address)
+
+
+async def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; 0 on a clean exit."""
+    pin_mmap_threshold()  # process-wide malloc tuning: the daemon's, not a test's
+    async with build_server(config) as server:
         # One line on stdout, so scripts (and tests) learn the address really bound.
-        print(f"memctl serving on {address}", flush=True)
-
-        monitor = Monitor(
-            core,
-            control,
-            core.events,
-            EngineSettings(
-                resume_margin=config.memory.resume_margin,
-                pause_timeout=config.memory.pause_timeout,
-            ),
-            settings.monitor_interval,
-        )
-        background.append(asyncio.create_task(monitor.run()))
-        if config.nanny.worker:
-            nanny = Nanny(
-                config.nanny.worker,
-                config.nanny.nworkers,
-                environ=config.nanny.environ,
-                address=address,
-                terminate_notice=config.nanny.terminate_notice,
-                terminate_grace=config.nanny.terminate_grace,
-                events=core.events,
-            )
-            control.supervisor = nanny
-            nanny.start()
-
+        print(f"memctl serving on {server.address}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
-        logger.info("Shutting down: draining in-flight calls (up to %.0f s)", DRAIN_GRACE)
-        await health_servicer.enter_graceful_shutdown()
-        control.shutdown()
-        if nanny is not None:
-            await nanny.stop()
-        await server.stop(DRAIN_GRACE)
-        if settings.persist:
-            await core.write_all_to_disk()
-    finally:
-        for task in background:
-            task.cancel()
-        if metrics is not None:
-            metrics.shutdown()
-        core.close()
-        if not settings.persist:
-            shutil.rmtree(settings.spill_directory, ignore_errors=True)
-        if bound_socket is not None:
-            bound_socket.unlink(missing_ok=True)
-    logger.info("memctl stopped")
     return 0
 
 

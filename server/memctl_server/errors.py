@@ -33,3 +33,11 @@ class DataLoss(MemctlError):
     """A stored value was found damaged (its spill file corrupt, truncated or gone)."""
 
     code = "DATA_LOSS"
+
+
+class DeadlineExceeded(MemctlError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do (exit code 1)."""

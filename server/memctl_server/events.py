@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, TypeVar
 
+from .errors import InvalidArgument
 from .readings import MemoryReadings
 
 logger = logging.getLogger("memctl.events")
@@ -66,6 +67,7 @@ class Event:
 
 class EventLog:
     def __init__(self, capacity: int = CAPACITY):
+        self.capacity = capacity
         self.recent: deque[Event] = deque(maxlen=capacity)
         #: Events so far, by kind and scope; bytes given back by trims, by scope.
         #: Replaced whole by each ``record``: safe to iterate from any thread.
@@ -104,6 +106,11 @@ class EventLog:
 
     def select(self, *, limit: int = 0, scope: str = "", after_id: int = 0) -> list[Event]:
         """Recent events, oldest first, filtered as the Events RPC asks."""
+        if limit > self.capacity:
+            raise InvalidArgument(
+                f"limit is {limit}; the service keeps the last {self.capacity} events, so "
+                f"ask for at most {self.capacity} (0 means all of them)"
+            )
         events = [e for e in self.recent if e.id > after_id and (not scope or e.scope == scope)]
         return events[-limit:] if limit else events
 

@@ -17,6 +17,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+#: The wire's uint64 fields hold at most this.
+UINT64_MAX = (1 << 64) - 1
+
+
+def _fit(value: int) -> int:
+    return min(max(value, 0), UINT64_MAX)
+
 
 @dataclass(frozen=True)
 class MemoryReadings:
@@ -34,8 +41,11 @@ class MemoryReadings:
 
         ``process`` is at least ``managed`` (the service holds those bytes, whatever
         a racy RSS sample says) and ``unmanaged_old`` lies within ``process - managed``.
+        Every number fits the contract's uint64: the service refuses impossible RSS
+        reports at the edge, and this makes sure no reading can ever fail to encode.
         """
-        process = max(process, managed)
+        managed, spilled = _fit(managed), _fit(spilled)
+        process = max(_fit(process), managed)
         unmanaged_old = min(max(unmanaged_old, 0), process - managed)
         return cls(process, managed, unmanaged_old, spilled)
 

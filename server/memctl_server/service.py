@@ -21,10 +21,10 @@ from memctl.protocol import CHUNK_SIZE, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
-from .control import Command, ControlPlane, Session
+from .control import Command, ControlPlane, Session, check_rss
 from .core import MemoryService, PutRequest, ScopeSnapshot
 from .engine import Thresholds
-from .errors import InvalidArgument, MemctlError
+from .errors import DeadlineExceeded, InvalidArgument, MemctlError
 from .events import Event
 from .readings import MemoryReadings
 from .scopes import KeyInfo, Scope
@@ -314,15 +314,24 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             return pb.EventsResponse(events=[event_pb(e) for e in events])
         raise AssertionError("unreachable: abort raises")
 
-    # Uses context.read/write rather than the iterator: commands go out as they come.
+    # Reads with the request iterator (edge.py checks every message) and writes with
+    # context.write, so that commands go out as they come.
     async def Attach(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.AttachRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        messages = aiter(request_iterator)
+        timeout = self.control.heartbeat_timeout
         async with _status_errors(context):
-            first = await context.read()
-            if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+            try:
+                first = await asyncio.wait_for(anext(messages, None), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no Hello within {timeout:g} s of opening the Attach stream "
+                    "(control.heartbeat-timeout); send a Hello first"
+                ) from None
+            if first is None or first.WhichOneof("kind") != "hello":
                 raise InvalidArgument("an Attach stream must start with a Hello message")
             hello = first.hello
             session = await self.control.attach(
@@ -342,13 +351,21 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     )
                 )
             )
-            why = await self._pump(session, context)
+            why = await self._pump(session, messages, context)
+        except MemctlError as exc:  # a bad message: end the stream, say why
+            why = str(exc)
+            await context.abort(grpc.StatusCode[exc.code], why)
         finally:
             self.control.detach(session, why)
 
-    async def _pump(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _pump(
+        self,
+        session: Session,
+        messages: AsyncIterator[pb.AttachRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> str:
         """Send commands as they come while reading heartbeats; why the stream ended."""
-        reader = asyncio.create_task(self._read(session, context))
+        reader = asyncio.create_task(self._read(session, messages))
         try:
             while True:
                 getter = asyncio.create_task(session.outbox.get())
@@ -365,13 +382,14 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         finally:
             reader.cancel()
 
-    async def _read(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _read(self, session: Session, messages: AsyncIterator[pb.AttachRequest]) -> str:
         """Handle heartbeats and results until the stream ends or the worker counts as
-        gone (``ControlPlane.silence``); why it ended."""
+        gone (``ControlPlane.silence``); why it ended. A bad message raises MemctlError
+        (Attach ends the stream with its status)."""
         heard = time.monotonic()
         # One read at a time, never cancelled while the worker is kept: a cancelled
         # read could lose the message it was receiving.
-        read = asyncio.ensure_future(context.read())
+        read = asyncio.ensure_future(anext(messages, None))
         try:
             while True:
                 done, _ = await asyncio.wait({read}, timeout=self.control.heartbeat_timeout)
@@ -382,34 +400,40 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     continue
                 try:
                     message = read.result()
+                except MemctlError:
+                    raise
                 except Exception as exc:  # grpc's own stream errors, e.g. server stopped
                     return f"the stream broke ({type(exc).__name__})"
-                if message is grpc.aio.EOF:
+                if message is None:
                     return "the worker closed the stream"
                 heard = time.monotonic()
-                read = asyncio.ensure_future(context.read())
+                read = asyncio.ensure_future(anext(messages, None))
                 kind = message.WhichOneof("kind")
                 if kind == "heartbeat":
                     hb = message.heartbeat
                     self.control.heartbeat(session, hb.rss if hb.HasField("rss") else None)
                 elif kind == "result":
-                    result = message.result
-                    logger.info(
-                        "Worker %r answered command %d: %s%s",
-                        session.worker_id,
-                        result.command_id,
-                        "ok" if result.ok else "failed",
-                        f" ({result.detail})" if result.detail else "",
-                    )
-                    if self.control.answered(session, result.command_id) == "trim":
-                        self.core.events.record(
-                            "trim",
-                            session.worker_id,
-                            result.detail,
-                            rss_before=result.rss_before,
-                            rss_after=result.rss_after,
-                        )
+                    self._answered(session, message.result)
                 else:
                     return "the worker sent a second hello"
         finally:
             read.cancel()
+
+    def _answered(self, session: Session, result: pb.CommandResult) -> None:
+        check_rss(result.rss_before, "CommandResult.rss_before")
+        check_rss(result.rss_after, "CommandResult.rss_after")
+        logger.info(
+            "Worker %r answered command %d: %s%s",
+            session.worker_id,
+            result.command_id,
+            "ok" if result.ok else "failed",
+            f" ({result.detail})" if result.detail else "",
+        )
+        if self.control.answered(session, result.command_id) == "trim":
+            self.core.events.record(
+                "trim",
+                session.worker_id,
+                result.detail,
+                rss_before=result.rss_before,
+                rss_after=result.rss_after,
+            )
