@@ -24,50 +24,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 
 from memctl import Client
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, wait_until
+from tests.conftest import Daemon, RssSampler, wait_until
 
 MiB = 1 << 20
 LIMIT = 256 * MiB
 #: Room for the daemon's own heap beyond the limit (gRPC buffers, Python objects).
 OVERHEAD = 64 * MiB
-
-
-class RssSampler:
-    """Samples a process's RSS from /proc every ``interval`` seconds on a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def sample(self) -> int:
-        rss = int(self.process.memory_info().rss)
-        self.peak = max(self.peak, rss)
-        self.samples += 1
-        return rss
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.sample()
 
 
 def assert_rss_bounded(peak: int, baseline: int, what: str) -> None:

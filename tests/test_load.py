@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psutil
 import pytest
 
 from memctl import Client
 from memctl.results import KeyInfo, ScopeStatus
-from tests.conftest import Daemon
+from tests.conftest import Daemon, RssSampler
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -149,32 +148,6 @@ class Worker:
         else:
             assert client.delete([name]) == (0 if current is None else 1), name
             self.expected.pop(op.key, None)
-
-
-class RssSampler:
-    """Peak RSS of a process, read from /proc every ``interval`` s on a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, int(self.process.memory_info().rss))
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def quiet_snapshot(client: Client) -> tuple[list[KeyInfo], ScopeStatus]:
