@@ -13,7 +13,9 @@ import json
 import math
 import mmap
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -238,8 +240,12 @@ def _watch_status(args: argparse.Namespace, interval: float) -> int:
             if console.is_interactive
             else None
         )
+        # Ctrl-C sets a flag rather than raising: a KeyboardInterrupt raised inside a
+        # blocking gRPC call can come out as a failed call, and the loop went on.
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
-            while True:
+            while not stop.is_set():
                 try:
                     status = client.status()
                 except MemctlError as exc:
@@ -255,9 +261,9 @@ def _watch_status(args: argparse.Namespace, interval: float) -> int:
                     live.update(screen, refresh=True)
                 else:
                     console.print(screen, "")
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            pass
+                stop.wait(interval)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 
