@@ -354,22 +354,6 @@ class SpillWriter:
             os.remove(self.temp_path)
 
 
-def write_value(
-    directory: str, name: str, *, scope: str, key: str, record: Record, compression: Compression
-) -> tuple[str, FileHeader, int]:
-    """Write a whole value at once (a value spilled from RAM): its path, header, size."""
-    if not worth_compressing(compression, record.data):
-        compression = "none"
-    writer = SpillWriter(
-        directory, name, scope=scope, key=key, metadata=record.metadata, compression=compression
-    )
-    writer.write(record.data)
-    # The checksum taken when the value arrived, not one of the bytes as they are now:
-    # a value damaged while in RAM is then caught when it is read back.
-    header, disk_size = writer.commit(crc=record.crc)
-    return writer.path, header, disk_size
-
-
 # --- reading -------------------------------------------------------------------------
 class SpillReader:
     """Reads a value back from its spill file in pieces, checking it as it goes.

@@ -53,7 +53,6 @@ from .spillfile import (
     Value,
     nbytes,
     read_record,
-    write_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -174,15 +173,12 @@ class Slow(MutableMapping[str, Record]):
     def __setitem__(self, key: str, record: Record) -> None:
         started = time.perf_counter()
         try:
-            path, header, disk_size = write_value(
-                self._ensure_directory(),
-                file_stem(key),
-                scope=self.scope,
-                key=key,
-                record=record,
-                compression=self.compression,
-            )
-            self.adopt(key, OnDisk(path, disk_size, header))
+            writer = self.open_writer(key, record.metadata)
+            writer.write(record.data)
+            # The checksum taken when the value arrived, not one of the bytes as they are
+            # now: a value damaged while in RAM is then caught when it is read back.
+            header, disk_size = writer.commit(crc=record.crc)
+            self.adopt(key, OnDisk(writer.path, disk_size, header))
         finally:
             self.seconds += time.perf_counter() - started
 
