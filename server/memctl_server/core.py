@@ -171,10 +171,11 @@ class MemoryService:
         journal.rewrite(self._live_values())
         total = sum(f.header.size for files in recovered.scopes.values() for f in files.values())
         logger.info(
-            "Restored %d values (%s) in %d scopes from %s",
+            "Restored %d values (%s) in %d scope%s from %s",
             recovered.values,
             format_bytes(total),
             len(recovered.scopes),
+            "" if len(recovered.scopes) == 1 else "s",
             directory,
         )
         if recovered.lost or recovered.damaged:
