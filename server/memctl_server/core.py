@@ -165,8 +165,7 @@ class MemoryService:
                 # A worker's limit comes with its next hello; until then none.
                 scope = self._new_scope(name, ScopeKind.WORKER, None)
                 scope.detached_since = now
-                self.scopes[name] = scope
-                self.scope_list = tuple(self.scopes.values())
+                self._add_scope(scope)
             scope.restore(files)
         journal.rewrite(self._live_values())
         total = sum(f.header.size for files in recovered.scopes.values() for f in files.values())
@@ -227,6 +226,14 @@ class MemoryService:
         return self.scopes[name]
 
     # --- worker scopes ------------------------------------------------------------------
+    def _add_scope(self, scope: Scope) -> None:
+        self.scopes[scope.name] = scope
+        self._publish_scopes()
+
+    def _publish_scopes(self) -> None:
+        """Replace ``scope_list`` whole after ``scopes`` changed (event loop only)."""
+        self.scope_list = tuple(self.scopes.values())
+
     async def open_worker_scope(
         self, worker_id: str, memory_limit: int | None, session_id: str
     ) -> tuple[Scope, bool]:
@@ -235,8 +242,7 @@ class MemoryService:
         kept = scope is not None
         if scope is None:
             scope = self._new_scope(worker_id, ScopeKind.WORKER, memory_limit)
-            self.scopes[worker_id] = scope
-            self.scope_list = tuple(self.scopes.values())
+            self._add_scope(scope)
         elif scope.memory_limit != memory_limit:
             await self._on_store_thread(scope.set_memory_limit, memory_limit)
         self.sessions[session_id] = worker_id
@@ -245,7 +251,7 @@ class MemoryService:
     async def release_scope(self, scope: Scope) -> None:
         """Forget a worker scope and all its values (its retention time passed)."""
         self.scopes.pop(scope.name, None)
-        self.scope_list = tuple(self.scopes.values())
+        self._publish_scopes()
         for session_id in [s for s, name in self.sessions.items() if name == scope.name]:
             del self.sessions[session_id]
         await self._on_store_thread(scope.delete, list(scope.entries))
@@ -453,21 +459,11 @@ class MemoryService:
         ``sizes``). ``record`` (the monitor's tick, on the event loop) also feeds the
         samples behind "unmanaged"; Status and metrics only look.
         """
-        now, rss = time.monotonic(), self.rss()
-        scopes, service = self.scope_list, self.service_scope
+        now, scopes = time.monotonic(), self.scope_list
         sizes = [scope.sizes for scope in scopes]
-        # What the host pays for a scope (PRODUCT.md, "Readings"). Worker: its RSS
-        # (self-reported, else measured by PID) + its managed bytes held here.
-        # Service: the service's RSS minus the worker scopes' managed bytes.
-        workers = sum(
-            size.managed for scope, size in zip(scopes, sizes, strict=True) if scope is not service
-        )
         snapshots = []
         for scope, size in zip(scopes, sizes, strict=True):
-            if scope is service:
-                process = max(rss - workers, 0)
-            else:
-                process = worker_rss(scope) + size.managed
+            process = self._process(scope, size, scopes, sizes)
             if record:
                 readings = scope.record(process=process, sizes=size, now=now)
             else:
@@ -481,12 +477,26 @@ class MemoryService:
         self.room_changed()
         return result
 
+    def _process(
+        self, scope: Scope, size: StoreSizes, scopes: Sequence[Scope], sizes: Sequence[StoreSizes]
+    ) -> int:
+        """What the host pays for a scope (PRODUCT.md, "Readings"). Worker: its RSS
+        (self-reported, else measured by PID) + its managed bytes held here. Service:
+        the service's RSS minus the worker scopes' managed bytes (``scopes`` and their
+        ``sizes``, as read together)."""
+        if scope is not self.service_scope:
+            return worker_rss(scope) + size.managed
+        workers = sum(
+            s.managed for other, s in zip(scopes, sizes, strict=True) if other is not scope
+        )
+        return max(self.rss() - workers, 0)
+
     def readings_now(self, scope: Scope) -> MemoryReadings:
-        """One scope's readings at this moment (for an event)."""
-        for snap in self.snapshot():
-            if snap.scope is scope:
-                return snap.readings
-        return scope.readings(process=0, sizes=scope.sizes)  # released meanwhile
+        """One scope's readings at this moment (for an event): that scope's only."""
+        scopes = self.scope_list
+        size = scope.sizes
+        process = self._process(scope, size, scopes, [s.sizes for s in scopes])
+        return scope.readings(process=process, sizes=size)
 
     async def trim(self) -> TrimResult:
         result = await asyncio.to_thread(trim)
