@@ -272,6 +272,10 @@ class Scope:
         self.data.target = self.target_bytes
 
     @property
+    def limit_text(self) -> str:
+        return format_bytes(self.memory_limit) if self.memory_limit is not None else "none"
+
+    @property
     def target_bytes(self) -> float:
         """Managed bytes above which LRU values spill; ``inf`` when the rule is off."""
         return target_bytes(self.memory_limit, self.thresholds)
@@ -333,7 +337,7 @@ class Scope:
             share = format_bytes(int(ram_capacity))
             raise ResourceExhausted(
                 f"a value of {format_bytes(size)} fits neither in RAM (scope {self.name!r}: "
-                f"memory limit {format_bytes(limit) if limit is not None else 'none'}, target "
+                f"memory limit {self.limit_text}, target "
                 f"share {share}) nor on disk ({self.data.describe_disk()}); "
                 "delete values, or raise --memory-limit or memory.max-spill"
             )
@@ -351,7 +355,7 @@ class Scope:
         return (
             f"no room for a value of {format_bytes(size)} in scope {self.name!r}: RAM holds "
             f"{format_bytes(self.managed)} with {format_bytes(self.incoming)} arriving "
-            f"(memory limit {format_bytes(self.memory_limit) if self.memory_limit else 'none'})"
+            f"(memory limit {self.limit_text})"
             f", and the disk is full ({self.data.describe_disk()}); delete values, raise "
             "--memory-limit or memory.max-spill, or retry later"
         )
