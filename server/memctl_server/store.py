@@ -403,21 +403,24 @@ class SpillBuffer(zict.Buffer[str, Record]):
     def disk_room(self) -> float:
         """Bytes that may still be spilled now: max-spill and the disk's free space, less
         what values being streamed to disk have reserved."""
-        free = shutil.disk_usage(self.directory.parent).free - self.slow.budget.reserved
-        return min(self.slow.budget.room(), free)
+        return min(self.slow.budget.room(), self._free_disk() - self.slow.budget.reserved)
 
     def disk_capacity(self) -> float:
         """Bytes that could be spilled if nothing else were arriving."""
         budget = self.slow.budget
-        return min(budget.room() + budget.reserved, shutil.disk_usage(self.directory.parent).free)
+        return min(budget.room() + budget.reserved, self._free_disk())
 
     def reserve_disk(self, nbytes: int) -> None:
         """Reserve (or, negative, give back) disk room for a value being streamed."""
         self.slow.budget.reserved += nbytes
 
     def describe_disk(self) -> str:
-        free = shutil.disk_usage(self.directory.parent).free
-        return f"{self.slow.budget.describe()}, {format_bytes(free)} free on disk"
+        return f"{self.slow.budget.describe()}, {format_bytes(self._free_disk())} free on disk"
+
+    def _free_disk(self) -> int:
+        """Free bytes on the spill directory's filesystem (the scope's own directory is
+        made on the first spill, so ask its parent)."""
+        return shutil.disk_usage(self.directory.parent).free
 
     def spill_file(self, key: str) -> str | None:
         """The path of a value's spill file; None while it is in RAM."""
