@@ -15,6 +15,7 @@ import grpc
 from memctl_server.config import ServiceConfig, load_config
 from memctl_server.daemon import MemctlServer, build_server
 from memctl_server.edge import SERVICE as SERVICE_DESCRIPTOR
+from tests.tokens import with_token
 
 SERVICE = "/memctl.v1.MemctlService/"
 
@@ -31,15 +32,21 @@ def config(tmp_path: Path, **settings: str) -> ServiceConfig:
     return load_config(environ={}, overrides=overrides).config
 
 
+def channel_to(server: MemctlServer) -> grpc.aio.Channel:
+    """A raw aio channel to ``server`` carrying its token, as a rightful client would."""
+    token = server.authenticator.token
+    return grpc.aio.insecure_channel(
+        server.address, interceptors=with_token(token) if token else None
+    )
+
+
 @asynccontextmanager
 async def serving(
     tmp_path: Path, **settings: str
 ) -> AsyncIterator[tuple[MemctlServer, grpc.aio.Channel]]:
-    """A started in-process daemon and an aio channel to it; both closed at the end."""
-    async with (
-        build_server(config(tmp_path, **settings)) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
+    """A started in-process daemon (authentication on, as users run it) and an aio
+    channel to it carrying the token; both closed at the end."""
+    async with build_server(config(tmp_path, **settings)) as server, channel_to(server) as channel:
         yield server, channel
 
 

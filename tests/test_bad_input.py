@@ -23,13 +23,14 @@ from memctl.errors import ResourceExhausted
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, run_memctl, start_daemon, wait_until
+from tests.tokens import raw_channel
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def stub(daemon: Daemon) -> Iterator[pb_grpc.MemctlServiceStub]:
-    with grpc.insecure_channel(daemon.address) as channel:
+    with raw_channel(daemon.address) as channel:
         yield pb_grpc.MemctlServiceStub(channel)
 
 
@@ -240,7 +241,7 @@ def test_bad_config_file_stops_startup(tmp_path: Path) -> None:
 
 
 def test_health_and_reflection_are_served(daemon: Daemon) -> None:
-    with grpc.insecure_channel(daemon.address) as channel:
+    with raw_channel(daemon.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "memctl.v1.MemctlService"):
             response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
@@ -265,7 +266,7 @@ def test_signal_drains_in_flight_put_and_exits_zero(spawn: Callable[..., Daemon]
         signalled.wait(30)
         yield pb.PutRequest(chunk=b"b" * MiB)
 
-    with grpc.insecure_channel(daemon.address) as channel:
+    with raw_channel(daemon.address) as channel:
         future = pb_grpc.MemctlServiceStub(channel).Put.future(requests(), timeout=30)
         assert halfway.wait(30)
         daemon.process.send_signal(sig)

@@ -30,6 +30,7 @@ from memctl import Client
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, RssSampler, wait_until
+from tests.tokens import raw_channel
 
 MiB = 1 << 20
 LIMIT = 256 * MiB
@@ -78,7 +79,7 @@ def test_stalled_puts_reserve_nothing_in_ram(spawn: Callable[..., Daemon]) -> No
     daemon = spawn("--memory-limit", "256MiB")
     baseline = daemon.rss()
     keys = [f"stalled-{i}" for i in range(8)]
-    with grpc.insecure_channel(daemon.address) as channel, Client(daemon.address) as client:
+    with raw_channel(daemon.address) as channel, Client(daemon.address) as client:
         stub = pb_grpc.MemctlServiceStub(channel)
         stalled = [StalledPut(stub, key, 256 * MiB) for key in keys]
         try:
@@ -124,6 +125,7 @@ def test_stalled_puts_reserve_nothing_in_ram(spawn: Callable[..., Daemon]) -> No
 CHILD = """
 import sys, random
 import grpc
+from memctl.auth import call_metadata
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
@@ -140,7 +142,8 @@ def requests():
         yield pb.PutRequest(chunk=data[start : start + MiB])
 
 with grpc.insecure_channel(address) as channel:
-    pb_grpc.MemctlServiceStub(channel).Put(requests(), timeout=120)
+    stub = pb_grpc.MemctlServiceStub(channel)
+    stub.Put(requests(), timeout=120, metadata=call_metadata(address))
 print("finished", flush=True)
 """
 
@@ -177,7 +180,7 @@ def test_killed_client_leaves_nothing_and_memory_bounded(
                 assert client.get("small") == b"s" * 1000
             os.kill(child.pid, signal.SIGKILL)
             assert child.wait(30) == -signal.SIGKILL
-            with grpc.insecure_channel(daemon.address) as channel:
+            with raw_channel(daemon.address) as channel:
                 assert_not_found(pb_grpc.MemctlServiceStub(channel), "big")
             # The partial spill file (if the value streamed to disk) is removed.
             wait_until(lambda: spill_bytes(daemon) < MiB, timeout=30)
@@ -204,8 +207,9 @@ def test_killed_client_leaves_nothing_and_memory_bounded(
 
 def test_impossible_declared_size_is_refused_at_once(spawn: Callable[..., Daemon]) -> None:
     # The default memory.put-wait is 5 s; a size no room can ever take must not wait.
-    daemon = spawn("--memory-limit", "256MiB")
-    with grpc.insecure_channel(daemon.address) as channel:
+    # No cap on one value's size: only RAM and disk refuse it.
+    daemon = spawn("--memory-limit", "256MiB", "--set", "limits.max-value-size=false")
+    with raw_channel(daemon.address) as channel:
         stub = pb_grpc.MemctlServiceStub(channel)
         put = StalledPut(stub, "enormous", 1 << 50)
         started = time.monotonic()

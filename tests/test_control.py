@@ -28,6 +28,7 @@ from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.control import alive_without_heartbeats, process_started
 from tests.conftest import Daemon, run_memctl, wait_until
+from tests.tokens import raw_channel
 
 MiB = 1 << 20
 GROWER = Path(__file__).parent / "workers" / "grower.py"
@@ -289,14 +290,18 @@ def test_a_claimed_pid_is_never_signalled(spawn: Callable[..., Daemon]) -> None:
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         with Client(daemon.address) as client:
-            for worker_id, pid in (("impostor", victim.pid), ("worker-0", victim.pid)):
-                with client.attach(worker_id, memory_limit="1MiB", pid=pid) as session:
-                    command = session.wait_for("terminate", timeout=30)
-                    assert "terminate threshold" in command.reason
-                    later = client.status().uptime_seconds + 5 * INTERVAL
-                    wait_until(lambda: client.status().uptime_seconds > later)  # noqa: B023
-                    assert victim.poll() is None, "memctl signalled a process it did not start"
-                    assert nanny_child.is_running() and nanny_child.status() != "zombie"
+            with client.attach("impostor", memory_limit="1MiB", pid=victim.pid) as session:
+                command = session.wait_for("terminate", timeout=30)
+                assert "terminate threshold" in command.reason
+                assert not session.supervised
+                later = client.status().uptime_seconds + 5 * INTERVAL
+                wait_until(lambda: client.status().uptime_seconds > later)
+                assert victim.poll() is None, "memctl signalled a process it did not start"
+            # The nanny's worker id is its worker's alone, whatever PID is claimed.
+            for pid in (victim.pid, nanny_child.pid):
+                with pytest.raises(FailedPrecondition, match="nanny"):
+                    client.attach("worker-0", memory_limit="1MiB", pid=pid)
+            assert nanny_child.is_running() and nanny_child.status() != "zombie"
         assert psutil.Process(daemon.pid).children() == [nanny_child]  # never restarted
     finally:
         victim.kill()
@@ -309,10 +314,11 @@ def test_detached_data_is_kept_then_released(spawn: Callable[..., Daemon]) -> No
         with client.attach("w", memory_limit="1GiB") as session:
             assert session.keys_kept == 0
             client.put("k", b"kept")
+        secret = session.resume_secret
         observer = Client(daemon.address)
         wait_until(lambda: scope(observer, "w").state == "detached")
         assert scope(observer, "w").keys_in_memory == 1
-        with client.attach("w", memory_limit="1GiB") as session:
+        with client.attach("w", memory_limit="1GiB", resume_secret=secret) as session:
             assert session.keys_kept == 1
             assert client.get("k") == b"kept"
         wait_until(lambda: "w" not in {s.name for s in observer.status().scopes}, timeout=30)
@@ -433,7 +439,7 @@ def test_silent_worker_the_service_cannot_see_is_detached(
 
 
 def test_attach_errors(daemon: Daemon) -> None:
-    with grpc.insecure_channel(daemon.address) as channel:
+    with raw_channel(daemon.address) as channel:
         stub = pb_grpc.MemctlServiceStub(channel)
         for hello, words in (
             (pb.Hello(worker_id=""), "worker id"),

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from memctl import Client
@@ -26,6 +25,7 @@ from memctl.errors import MemctlError, ResourceExhausted
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from tests.conftest import Daemon
+from tests.tokens import raw_channel
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -196,7 +196,7 @@ def test_waiting_put_gets_in_when_another_client_deletes(
             for start in range(0, size, MiB):
                 yield pb.PutRequest(chunk=data[start : start + MiB])
 
-        with grpc.insecure_channel(daemon.address) as channel:
+        with raw_channel(daemon.address) as channel:
             stub = pb_grpc.MemctlServiceStub(channel)
             started = time.monotonic()
             future = stub.Put.future(requests(), timeout=30)

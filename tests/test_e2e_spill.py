@@ -13,6 +13,7 @@ import pytest
 
 from memctl import AsyncClient, Client, MemctlMapping
 from tests.conftest import Daemon, run_memctl
+from tests.tokens import raw_channel
 
 MiB = 1 << 20
 
@@ -156,7 +157,6 @@ def test_async_client_and_mapping(daemon: Daemon) -> None:
 
 
 def test_list_keys_pages_and_prefix(daemon: Daemon) -> None:
-    import grpc
 
     from memctl.v1 import memctl_pb2 as pb
     from memctl.v1 import memctl_pb2_grpc as pb_grpc
@@ -166,7 +166,7 @@ def test_list_keys_pages_and_prefix(daemon: Daemon) -> None:
             client.put(key, key.encode())
         assert [i.key for i in client.list_keys()] == ["a/1", "b/1", "b/2", "b/3", "c"]
         assert [i.key for i in client.list_keys("b/")] == ["b/1", "b/2", "b/3"]
-    with grpc.insecure_channel(daemon.address) as channel:
+    with raw_channel(daemon.address) as channel:
         stub = pb_grpc.MemctlServiceStub(channel)
         pages, token = [], ""
         while True:

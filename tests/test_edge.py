@@ -25,6 +25,7 @@ from memctl_server.readings import UINT64_MAX, MemoryReadings
 from memctl_server.service import MemctlServicer
 from tests.conftest import Daemon
 from tests.inprocess import raw_call, serving
+from tests.tokens import raw_aio_channel, with_token
 
 GARBAGE = b"\xff\xff\xff"
 #: A PutHeader (and a GetRequest) whose key is not UTF-8: field 1, bytes C3 28.
@@ -220,7 +221,7 @@ def test_a_burst_of_calls_gets_answers_never_a_bare_cancelled(daemon: Daemon) ->
         return "OK", ""
 
     async def burst() -> collections.Counter[tuple[str, str]]:
-        async with grpc.aio.insecure_channel(daemon.address) as channel:
+        async with raw_aio_channel(daemon.address) as channel:
             stub = pb_grpc.MemctlServiceStub(channel)
             return collections.Counter(await asyncio.gather(*(one(stub, i) for i in range(BURST))))
 
@@ -236,11 +237,19 @@ def test_calls_past_the_limit_are_told_the_daemon_is_busy(tmp_path: Path) -> Non
     async def scenario() -> None:
         async with serving(tmp_path) as (daemon, _):
             gated = grpc.aio.server()
-            add_memctl_service(gated, MemctlServicer(daemon.core, daemon.control), 1)
+            add_memctl_service(
+                gated,
+                MemctlServicer(daemon.core, daemon.control, daemon.authenticator),
+                max_calls=1,
+                max_calls_per_client=1,
+            )
             gated.add_insecure_port(f"unix:{tmp_path / 'gated.sock'}")
             await gated.start()
             try:
-                async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'gated.sock'}") as ch:
+                async with grpc.aio.insecure_channel(
+                    f"unix:{tmp_path / 'gated.sock'}",
+                    interceptors=with_token(daemon.authenticator.token or ""),
+                ) as ch:
                     stub = pb_grpc.MemctlServiceStub(ch)
                     stream = stub.Attach(held_open(pb.AttachRequest(hello=pb.Hello(worker_id="w"))))
                     await stream.read()  # one call in progress: the limit

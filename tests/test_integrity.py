@@ -23,6 +23,7 @@ from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.spillfile import HEADER_SIZE, SpillFileDamaged, scan_header
 from tests.conftest import Daemon
+from tests.tokens import raw_channel
 
 MiB = 1 << 20
 
@@ -134,7 +135,7 @@ def test_a_damaged_large_value_is_never_sent_whole(
         assert client.put("large", large).location == "disk"
         client.put("small", small)
         DAMAGE[damage](spill_file(daemon, "large"))
-        with grpc.insecure_channel(daemon.address) as channel:
+        with raw_channel(daemon.address) as channel:
             stub = pb_grpc.MemctlServiceStub(channel)
             received = 0
             with pytest.raises(grpc.RpcError) as info:
@@ -158,7 +159,7 @@ def test_get_header_carries_the_checksum_and_large_values_round_trip(
     with Client(daemon.address) as client:
         assert client.put("big", value, metadata=b"m").location == "disk"
         assert client.get_value("big").data == value
-        with grpc.insecure_channel(daemon.address) as channel:
+        with raw_channel(daemon.address) as channel:
             stub = pb_grpc.MemctlServiceStub(channel)
             header = next(iter(stub.Get(pb.GetRequest(key="big"), timeout=30))).header
         assert header.crc32c == crc32c.crc32c(value)
@@ -170,7 +171,7 @@ def test_a_put_whose_checksum_does_not_match_stores_nothing(daemon: Daemon) -> N
         yield pb.PutRequest(header=pb.PutHeader(key="k", size=3, crc32c=crc))
         yield pb.PutRequest(chunk=b"abc")
 
-    with grpc.insecure_channel(daemon.address) as channel:
+    with raw_channel(daemon.address) as channel:
         stub = pb_grpc.MemctlServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Put(stream(12345), timeout=10)

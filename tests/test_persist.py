@@ -47,8 +47,9 @@ def test_sigterm_writes_everything_and_the_next_start_serves_it(
         service["v-0"] = b"overwritten after it was spilled"
         client.delete(["v-1"])
         del service["v-1"]
-    with Client(first.address) as worker_client, worker_client.attach("worker-a"):
+    with Client(first.address) as worker_client, worker_client.attach("worker-a") as session:
         worker = fill(worker_client, range(150, 200), prefix="w")
+        secret = session.resume_secret
     assert first.stop(signal.SIGTERM) == 0
 
     second = start(spawn, local)
@@ -62,7 +63,10 @@ def test_sigterm_writes_everything_and_the_next_start_serves_it(
             client.get("v-1")
         scopes = {s.name: s for s in client.status().scopes}
         assert scopes["worker-a"].state == "detached"
-    with Client(second.address) as worker_client, worker_client.attach("worker-a") as session:
+    with (
+        Client(second.address) as worker_client,
+        worker_client.attach("worker-a", resume_secret=secret) as session,
+    ):
         assert session.keys_kept == 50
         for key, value in worker.items():
             assert worker_client.get(key) == value, key

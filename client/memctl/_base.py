@@ -6,12 +6,15 @@ lands in both.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import crc32c
 import grpc
 
+from .auth import AUTHORIZATION_METADATA_KEY, CLIENT_METADATA_KEY, SCOPE_METADATA_KEY, TokenSource
 from .errors import DataLoss, InvalidArgument, MemctlError, translate
 from .protocol import CHUNK_SIZE, SESSION_METADATA_KEY, key_problem, metadata_problem
 from .results import EvictResult, PutResult, StoredValue, TrimResult, location_name
@@ -147,8 +150,42 @@ def rpc_errors(address: str, key: str | None = None) -> Iterator[None]:
         raise translate(exc, address, key) from None
 
 
+PathLike = str | Path
+
+
+def _read_pem(path: PathLike | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def channel_credentials(
+    tls_ca: PathLike | None, tls_cert: PathLike | None, tls_key: PathLike | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the arguments, else ``MEMCTL_TLS_CA``/``_CERT``/``_KEY``;
+    None (plaintext) when none of them is set."""
+    tls_ca = tls_ca or os.environ.get("MEMCTL_TLS_CA") or None
+    tls_cert = tls_cert or os.environ.get("MEMCTL_TLS_CERT") or None
+    tls_key = tls_key or os.environ.get("MEMCTL_TLS_KEY") or None
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("a client certificate needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(tls_ca, "TLS CA file"),
+        private_key=_read_pem(tls_key, "TLS key file"),
+        certificate_chain=_read_pem(tls_cert, "TLS certificate file"),
+    )
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
 class ClientBase:
-    """Settings both clients hold."""
+    """Settings both clients hold: where the daemon is, how to prove who we are."""
 
     def __init__(
         self,
@@ -156,12 +193,41 @@ class ClientBase:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         session: str | None = None,
+        token: str | None = None,
+        token_file: PathLike | None = None,
+        scope: str | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
         self.address = resolve_address(address)
         self.timeout = timeout
-        self.metadata: tuple[tuple[str, str], ...] = (
-            ((SESSION_METADATA_KEY, session),) if session else ()
-        )
+        self.credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+        try:
+            self._token = TokenSource(self.address, token, token_file)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"cannot read the memctl token: {exc}") from None
+        extra = [(CLIENT_METADATA_KEY, secrets.token_hex(8))]
+        if scope:
+            extra.append((SCOPE_METADATA_KEY, scope))
+        if session:
+            extra.append((SESSION_METADATA_KEY, session))
+        self._metadata: Metadata = tuple(extra)
+        self._open_channel()
+
+    @property
+    def metadata(self) -> Metadata:
+        """What every call sends: the token, this client's id, its scope or session."""
+        return (*self._metadata, *self._token.current())
+
+    @metadata.setter
+    def metadata(self, value: Metadata) -> None:
+        """Replace the call metadata but the token (which follows its file)."""
+        self._metadata = tuple(i for i in value if i[0] != AUTHORIZATION_METADATA_KEY)
+
+    def _open_channel(self) -> None:
+        """Make the channel and stub (blocking or asyncio)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"

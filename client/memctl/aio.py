@@ -25,15 +25,13 @@ from .v1 import memctl_pb2_grpc as pb_grpc
 class AsyncClient(ClientBase):
     """Talk to a memctl daemon from asyncio code; see ``Client`` for the semantics."""
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        timeout: float = _base.DEFAULT_TIMEOUT,
-        session: str | None = None,
-    ):
-        super().__init__(address, timeout=timeout, session=session)
-        self._channel = grpc.aio.insecure_channel(self.address, options=_base.CHANNEL_OPTIONS)
+    def _open_channel(self) -> None:
+        if self.credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_base.CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.address, self.credentials, options=_base.CHANNEL_OPTIONS
+            )
         self._stub = pb_grpc.MemctlServiceStub(self._channel)
 
     async def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:

@@ -27,6 +27,7 @@ from rich.live import Live
 
 from . import __version__
 from ._base import DEFAULT_ADDRESS, DEFAULT_TIMEOUT
+from .auth import default_runtime_directory, token_file_name
 from .client import Client
 from .dashboard import render_status, render_unreachable
 from .errors import MemctlError
@@ -40,8 +41,16 @@ class UsageError(Exception):
     """Bad command-line input: exit code 2."""
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.address, timeout=args.timeout)
+def _client(args: argparse.Namespace, timeout: float | None = None) -> Client:
+    return Client(
+        args.address,
+        timeout=args.timeout if timeout is None else timeout,
+        token_file=args.token_file,
+        scope=getattr(args, "scope_of_data", None),
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 # --- serve and config ----------------------------------------------------------------
@@ -51,6 +60,9 @@ _SERVE_FLAGS = {
     "local_directory": ("local-directory", "--local-directory"),
     "worker": ("nanny.worker", "--worker"),
     "nworkers": ("nanny.nworkers", "--nworkers"),
+    "auth": ("auth", "--auth"),
+    "serve_token_file": ("token-file", "--token-file"),
+    "insecure": ("insecure", "--insecure"),
 }
 
 
@@ -83,9 +95,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(_load_config(args).config)
 
 
+def _token_path(config: Any) -> str:
+    """Where the daemon of ``config`` writes its token (for ``memctl config``)."""
+    if config.auth == "none":
+        return "none (auth: none)"
+    directory = Path(config.runtime_directory or default_runtime_directory())
+    return str(directory / token_file_name(config.address))
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     loaded = _load_config(args)
     flat = loaded.as_flat_dict()
+    token_path = _token_path(loaded.config)
     if args.json:
         print(json.dumps({k: {"value": v, "source": loaded.sources[k]} for k, v in flat.items()}))
         return 0
@@ -93,6 +114,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     for key, value in flat.items():
         shown = json.dumps(value) if not isinstance(value, str) else value
         print(f"{key:<{width}}  {shown:<24}  ({loaded.sources[key]})")
+    print(f"# the daemon writes its token to {token_path}")
     return 0
 
 
@@ -233,7 +255,7 @@ def _watch_status(args: argparse.Namespace, interval: float) -> int:
     last: Status | None = None
     last_at = 0.0
     with ExitStack() as stack:
-        client = stack.enter_context(Client(args.address, timeout=timeout))
+        client = stack.enter_context(_client(args, timeout))
         # Piped: one reading after another rather than redraws.
         live = (
             stack.enter_context(Live(console=console, auto_refresh=False))
@@ -288,7 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per call"
             )
+            sub.add_argument(
+                "--token-file",
+                default=None,
+                help="file holding the daemon's token (default: $MEMCTL_TOKEN, "
+                "$MEMCTL_TOKEN_FILE, else the daemon's own token file, found by its user)",
+            )
+            sub.add_argument(
+                "--tls-ca", default=None, help="CA file: use TLS, trusting it (or $MEMCTL_TLS_CA)"
+            )
+            sub.add_argument("--tls-cert", default=None, help="client certificate, mutual TLS")
+            sub.add_argument("--tls-key", default=None, help="client certificate's key")
         return sub
+
+    def scope_flag(sub: Any) -> None:
+        sub.add_argument(
+            "--scope",
+            dest="scope_of_data",
+            default=None,
+            metavar="SCOPE",
+            help="act on this scope (a worker id) instead of the service's own; needs the "
+            "daemon's own token",
+        )
 
     def config_flags(sub: Any) -> None:
         sub.add_argument(
@@ -316,6 +359,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--nworkers", type=int, default=None, help="how many workers to start (default 1)"
+        )
+        sub.add_argument(
+            "--auth",
+            default=None,
+            choices=("token", "none"),
+            help="token (default): every call needs the daemon's token; none: no check "
+            "(loopback or unix socket only)",
+        )
+        sub.add_argument(
+            "--token-file",
+            dest="serve_token_file",
+            default=None,
+            help="use the token in this file (mode 0600) instead of a new one per start",
+        )
+        sub.add_argument(
+            "--insecure",
+            action="store_const",
+            const=True,
+            default=None,
+            help="allow a non-loopback address without TLS (warned about at every start)",
         )
         sub.add_argument(
             "--set",
@@ -349,13 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("key")
     sub.add_argument("file")
     sub.add_argument("--metadata", default=None, help="opaque text stored beside the value")
+    scope_flag(sub)
 
     sub = command("get", cmd_get, "write the value under KEY to stdout or a file")
     sub.add_argument("key")
     sub.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+    scope_flag(sub)
 
     sub = command("keys", cmd_keys, "list keys with their size and location")
     sub.add_argument("--prefix", default="")
+    scope_flag(sub)
 
     sub = command(
         "evict",
@@ -364,9 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("keys", nargs="*")
     sub.add_argument("--nbytes", default=None, help='e.g. "100 MiB"')
+    scope_flag(sub)
 
     sub = command("delete", cmd_delete, "remove values")
     sub.add_argument("keys", nargs="+")
+    scope_flag(sub)
 
     sub = command(
         "events", cmd_events, "recent spills, pauses, resumes, terminations, restarts, trims"

@@ -10,6 +10,7 @@ import grpc
 
 from . import _base
 from ._base import Buffer, ClientBase, rpc_errors
+from .auth import RESUME_SECRET_VARIABLE, WORKER_ID_VARIABLE
 from .errors import InvalidArgument
 from .protocol import SESSION_METADATA_KEY
 from .results import (
@@ -31,18 +32,26 @@ class Client(ClientBase):
 
     ``address`` is ``host:port`` or ``unix:/path``; by default ``MEMCTL_ADDRESS``,
     else ``127.0.0.1:7075``. A missing key raises ``KeyError``; bad input
-    ``ValueError``; an unreachable service ``ServiceUnavailable``.
+    ``ValueError``; an unreachable service ``ServiceUnavailable``; a missing or
+    wrong token ``Unauthenticated``.
+
+    The token is ``token``, else the file ``token_file``, else ``MEMCTL_TOKEN``,
+    else the file ``MEMCTL_TOKEN_FILE``, else the daemon's own token file, which a
+    client run by the daemon's user finds by itself. ``tls_ca`` (the CA that signed
+    the daemon's certificate) turns on TLS, ``tls_cert`` and ``tls_key`` present a
+    client certificate (mutual TLS); each defaults to ``MEMCTL_TLS_CA``,
+    ``MEMCTL_TLS_CERT``, ``MEMCTL_TLS_KEY``. ``scope`` makes every data call act on
+    that scope (a worker id, or "service") instead of the client's own: it needs the
+    daemon's own token.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        timeout: float = _base.DEFAULT_TIMEOUT,
-        session: str | None = None,
-    ):
-        super().__init__(address, timeout=timeout, session=session)
-        self._channel = grpc.insecure_channel(self.address, options=_base.CHANNEL_OPTIONS)
+    def _open_channel(self) -> None:
+        if self.credentials is None:
+            self._channel = grpc.insecure_channel(self.address, options=_base.CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(
+                self.address, self.credentials, options=_base.CHANNEL_OPTIONS
+            )
         self._stub = pb_grpc.MemctlServiceStub(self._channel)
 
     def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
@@ -131,6 +140,7 @@ class Client(ClientBase):
         memory_limit: str | int | float | None = "auto",
         pid: int | None = None,
         report_rss: bool = False,
+        resume_secret: str | None = None,
         timeout: float = 10.0,
     ) -> WorkerSession:
         """Attach this process as worker ``worker_id``; returns once the session is up.
@@ -139,9 +149,14 @@ class Client(ClientBase):
         ("4 GiB", 4e9), a fraction of the host's memory (0.5), or None for no limit.
         ``pid`` defaults to this process; ``report_rss`` makes heartbeats carry this
         process's RSS, for a worker the daemon cannot see (another PID namespace).
-        From now until ``close()``, this client's data calls go to the worker's
-        scope. A refused hello raises ``InvalidArgument`` (bad limit, empty id) or
-        ``FailedPrecondition`` (the id is attached elsewhere); no Session within
+        ``resume_secret`` proves this is the worker that attached as ``worker_id``
+        before (``WorkerSession.resume_secret``), to get its kept data back; a worker
+        the memctl nanny started has its own in ``MEMCTL_RESUME_SECRET``, used by
+        default when ``worker_id`` is ``MEMCTL_WORKER_ID``. From now until
+        ``close()``, this client's data calls go to the worker's scope. A refused
+        hello raises ``InvalidArgument`` (bad limit, empty id) or
+        ``FailedPrecondition`` (the id is attached elsewhere, or was attached
+        before and the resume secret is missing or wrong); no Session within
         ``timeout`` seconds raises ``ServiceUnavailable``. One session per client:
         a client already attached (or made with ``session=``) raises
         ``InvalidArgument``. See ``memctl.worker``.
@@ -150,11 +165,14 @@ class Client(ClientBase):
             raise InvalidArgument(
                 "this client already belongs to a worker session; use one Client per worker"
             )
+        if resume_secret is None and worker_id == os.environ.get(WORKER_ID_VARIABLE):
+            resume_secret = os.environ.get(RESUME_SECRET_VARIABLE)
         hello = pb.Hello(
             worker_id=worker_id,
             pid=os.getpid() if pid is None else pid,
             nthreads=nthreads,
             memory_limit="none" if memory_limit is None else str(memory_limit),
+            resume_secret=resume_secret or "",
         )
         return WorkerSession(self, self._stub, hello, report_rss=report_rss, timeout=timeout)
 

@@ -36,6 +36,15 @@ class DataLoss(MemctlError):
     """
 
 
+class Unauthenticated(MemctlError, PermissionError):
+    """The service did not accept the call's token (none, or not the daemon's)."""
+
+
+class PermissionDenied(MemctlError, PermissionError):
+    """The token is valid but does not allow this: a worker token reaches only its
+    own worker's data; other scopes and admin calls need the daemon's own token."""
+
+
 class ServiceUnavailable(MemctlError, ConnectionError):
     """The service cannot be reached (not running, wrong address) or the deadline passed."""
 
@@ -45,6 +54,8 @@ _BY_CODE: dict[grpc.StatusCode, type[MemctlError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailable,
 }

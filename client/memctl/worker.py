@@ -122,6 +122,10 @@ class SessionInfo:
     heartbeat_interval: float
     #: Values the scope still held from an earlier session of this worker id.
     keys_kept: int
+    #: Proves this worker id on a later attach (``Client.attach(resume_secret=)``).
+    resume_secret: str = ""
+    #: Whether the service started this worker (nanny mode) and may signal it.
+    supervised: bool = False
 
     @classmethod
     def from_pb(cls, session: pb.Session) -> SessionInfo:
@@ -131,6 +135,8 @@ class SessionInfo:
             thresholds=thresholds_dict(session.thresholds),
             heartbeat_interval=session.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_INTERVAL,
             keys_kept=session.keys_kept,
+            resume_secret=session.resume_secret,
+            supervised=session.supervised,
         )
 
 
@@ -149,7 +155,7 @@ class WorkerSession:
     ``state`` and the session fields can be read from any thread. Close it (or use it
     as a context manager) to end the stream; the worker's scope and its values stay
     in the daemon (for the daemon's ``control.retention``), and attaching again with
-    the same ``worker_id`` gets them back.
+    the same ``worker_id`` and its ``resume_secret`` gets them back.
     """
 
     def __init__(
@@ -233,6 +239,18 @@ class WorkerSession:
     @property
     def heartbeat_interval(self) -> float:
         return self._info.heartbeat_interval
+
+    @property
+    def resume_secret(self) -> str:
+        """The secret that gets this worker id's kept data back after this process is
+        gone: pass it to ``Client.attach(resume_secret=...)``. Re-attaches of this
+        session use it by themselves."""
+        return self._info.resume_secret
+
+    @property
+    def supervised(self) -> bool:
+        """Whether the daemon started this worker (nanny mode) and may signal it."""
+        return self._info.supervised
 
     @property
     def reattached(self) -> int:
@@ -360,7 +378,9 @@ class WorkerSession:
     def _open(self, *, wait_for_ready: bool) -> tuple[Any, queue.Queue[_Item], pb.Session]:
         """Start an Attach call, send the hello and wait for the Session."""
         requests: queue.Queue[_Item] = queue.Queue()
-        metadata = tuple(item for item in self._saved_metadata if item[0] != SESSION_METADATA_KEY)
+        # The client's current metadata (its token may have changed with a daemon
+        # restart), without the session this call is about to replace.
+        metadata = tuple(i for i in self._client.metadata if i[0] != SESSION_METADATA_KEY)
         try:
             call = self._stub.Attach(
                 self._request_stream(requests), metadata=metadata, wait_for_ready=wait_for_ready
@@ -448,6 +468,9 @@ class WorkerSession:
                 call.cancel()
                 return False
             self._call, self._requests, self._info = call, requests, info
+            # Re-attaches prove the id with the secret the service gave (a daemon
+            # restarted without persist gives a new one).
+            self._hello.resume_secret = info.resume_secret
             self._state = "running"
             self._connected = True
             if reattach:

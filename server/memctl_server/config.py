@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic_core import ErrorDetails
 
+from memctl import auth
 from memctl.sizes import parse_bytes, parse_duration
 
 from .limits import MEMORY_LIMIT_FORMS, check_memory_limit
@@ -36,8 +37,20 @@ from .limits import MEMORY_LIMIT_FORMS, check_memory_limit
 Threshold = float | Literal[False]
 SpillCompression = Literal["auto", "lz4", "zlib", "none"]
 
-#: ``MEMCTL_*`` variables that are not configuration keys, so are not typos.
-NON_CONFIG_VARIABLES = frozenset({"MEMCTL_CONFIG"})
+#: ``MEMCTL_*`` variables that are not configuration keys, so are not typos: the
+#: config file, and what clients and nanny-started workers read.
+NON_CONFIG_VARIABLES = frozenset(
+    {
+        "MEMCTL_CONFIG",
+        auth.TOKEN_VARIABLE,
+        auth.TOKEN_FILE_VARIABLE,
+        auth.RESUME_SECRET_VARIABLE,
+        auth.WORKER_ID_VARIABLE,
+        "MEMCTL_TLS_CA",
+        "MEMCTL_TLS_CERT",
+        "MEMCTL_TLS_KEY",
+    }
+)
 _ENV_PREFIX = "MEMCTL_"
 
 
@@ -266,6 +279,69 @@ def _log_format(value: object) -> Literal["text", "json"]:
     raise ValueError("is not allowed; use text or json")
 
 
+def _optional_path(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError("is not allowed; use the path of a file, or null")
+
+
+def _auth_mode(value: object) -> Literal["token", "none"]:
+    if _is_false(value) or (isinstance(value, str) and value.strip().lower() == "none"):
+        return "none"
+    if isinstance(value, str) and value.strip().lower() == "token":
+        return "token"
+    raise ValueError(
+        "is not allowed; use token (every call needs the daemon's token) or none "
+        "(no authentication: loopback and unix sockets only)"
+    )
+
+
+def _file_mode(value: object) -> str:
+    """Octal permission bits as text ("0660"), however YAML read them (0o660 or "0660")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = format(value, "o")
+    else:
+        text = str(value).strip().lower().removeprefix("0o")
+    if re.fullmatch(r"0?[0-7]{3}", text):
+        mode = int(text, 8)
+        if mode & 0o600 == 0o600 and mode & 0o007 == 0:
+            return f"0{mode:03o}"
+        raise ValueError(
+            "is not allowed; the owner needs read and write (6 in the first digit) and "
+            "others get nothing (0 in the last): 0600, or 0660 to share with a group"
+        )
+    raise ValueError('is not allowed; use octal permission bits like "0600" or "0660"')
+
+
+def _group(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value).strip()
+    raise ValueError("is not allowed; use a group name or number, or null")
+
+
+def _nonnegative_bytes(value: object) -> int:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:
+            return parse_bytes(value)
+        except ValueError:
+            pass
+    raise ValueError('is not allowed; use a size like "4 MiB"')
+
+
+def _message_size(value: object) -> int:
+    size = _nonnegative_bytes(value)
+    if size < 2 * 1024 * 1024:
+        # A Put or Get message holds a 1 MiB chunk and its framing.
+        raise ValueError("is not allowed; use at least 2 MiB (values travel in 1 MiB chunks)")
+    return size
+
+
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -275,6 +351,11 @@ def _bool(value: object) -> bool:
 
 
 _Bool = Annotated[bool, PlainValidator(_bool)]
+_OptionalPath = Annotated[str | None, PlainValidator(_optional_path)]
+_AuthMode = Annotated[Literal["token", "none"], PlainValidator(_auth_mode)]
+_FileMode = Annotated[str, PlainValidator(_file_mode)]
+_Group = Annotated[str | None, PlainValidator(_group)]
+_MessageSize = Annotated[int, PlainValidator(_message_size)]
 _Fraction = Annotated[Threshold, PlainValidator(_fraction)]
 _Exporters = Annotated[tuple[str, ...] | None, PlainValidator(_exporters)]
 _OptionalAddress = Annotated[str | None, PlainValidator(_optional_address)]
@@ -388,11 +469,60 @@ class LogConfig(_Section):
     format: _LogFormat = "text"
 
 
+class TlsConfig(_Section):
+    """TLS for the gRPC listener: both ``cert`` and ``key``, or neither."""
+
+    #: PEM certificate chain the daemon presents.
+    cert: _OptionalPath = None
+    #: PEM private key of ``cert``.
+    key: _OptionalPath = None
+    #: PEM CA certificates; set: every client must present a certificate they signed
+    #: (mutual TLS).
+    client_ca: _OptionalPath = None
+
+
+class LimitsConfig(_Section):
+    """What one call, one client and all clients together may ask of the daemon.
+
+    Per-client limits share the daemon out among well-behaved clients (a client is
+    one ``memctl.Client``, or one connection for clients that do not say); the
+    totals protect it from the rest.
+    """
+
+    #: The largest value a Put may store; false: only RAM and disk bound it.
+    max_value_size: _ByteBudget = 16 * 1024**3
+    #: The largest gRPC message the daemon accepts.
+    max_message_size: _MessageSize = 4 * 1024 * 1024
+    #: Calls in progress at once, streams (Put, Get, Attach) included.
+    max_calls: _PositiveInt = 10_000
+    #: Calls in progress at once from one client.
+    max_calls_per_client: _PositiveInt = 1_000
+    #: Attach sessions open at once from one client.
+    max_sessions_per_client: _PositiveInt = 64
+
+
 class ServiceConfig(_Section):
     """The whole configuration; ``load_config`` builds it."""
 
-    #: Local only by default: the service has no authentication yet.
+    #: Loopback by default; any other address needs TLS, or ``insecure``.
     address: _Address = "127.0.0.1:7075"
+    #: token: every call carries the daemon's token; none: no check (loopback and
+    #: unix sockets only).
+    auth: _AuthMode = "token"
+    #: A file holding the token (mode 0600); null: a new random token at every start.
+    token_file: _OptionalPath = None
+    #: Where the daemon writes its token file (0700, the daemon's user only); null:
+    #: $XDG_RUNTIME_DIR/memctl, /run/memctl for root, else <tmp>/memctl-<uid>.
+    runtime_directory: _OptionalPath = None
+    #: Allow a non-loopback address without TLS (warned about at every start).
+    insecure: _Bool = False
+    #: Permission bits of a unix socket, whatever the umask; 0660 shares it with
+    #: ``unix-socket-group``.
+    unix_socket_mode: _FileMode = "0600"
+    #: The group a unix socket belongs to; null: the daemon's own.
+    unix_socket_group: _Group = None
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     memory_limit: _MemoryLimit = "auto"
     local_directory: _Directory = Field(default_factory=tempfile.gettempdir)
     #: Keep values across restarts: spill files in <local-directory>/memctl-data, every

@@ -9,12 +9,21 @@ for seconds (one large ``mmap(MAP_POPULATE)``) delays heartbeats, not the proces
 A detached worker's data is **kept** (unlike Dask), handed back when it re-attaches
 with the same id, and released only after ``control.retention``.
 
+Identity: a worker id's first attach returns a **resume secret**. While the id is
+attached no one else may attach as it; once detached, its kept data goes back
+only to a hello carrying that secret (else FAILED_PRECONDITION: the id stays taken
+until its data is released after ``control.retention``). An id with nothing kept
+is free: its next attach gets a new secret. The ids of the workers
+this service started (nanny mode) are reserved for them from the start: the nanny
+gives each its secret in ``MEMCTL_RESUME_SECRET``, so a restarted worker gets its
+data back with no code. With ``persist``, the secrets' digests outlive a restart.
+
 Signals: the service never signals a process it did not start, whatever PID a
-client claims. A session is *supervised* only when its worker id names a worker
-this service started (nanny mode) and its PID is that very process (or one of its
-children); only then does TERMINATE also mean SIGTERM, then SIGKILL — after the
-worker has had ``nanny.terminate-notice`` to hear why (it answers the command, its
-process exits or its stream ends, whichever comes first).
+client claims. A session is *supervised* only when it proves its nanny slot with
+the slot's secret; only then does TERMINATE also mean SIGTERM to the process the
+nanny started (never to a claimed PID), then SIGKILL — after the worker has had
+``nanny.terminate-notice`` to hear why (it answers the command, its process exits
+or its stream ends, whichever comes first).
 
 Not covered here: the stream's wire I/O (``service.py``), the rules deciding
 commands (``engine.py``), the processes themselves (``nanny.py``).
@@ -23,20 +32,27 @@ commands (``engine.py``), the processes themselves (``nanny.py``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
+import json
 import logging
+import os
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import psutil
 
+from memctl.auth import RESUME_SECRET_VARIABLE
 from memctl.protocol import SERVICE_SCOPE
 
 from .core import MemoryService
 from .engine import ScopeMemo
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .limits import resolve_memory_limit
 from .readings import MemoryReadings
 from .scopes import Scope
@@ -50,6 +66,7 @@ MAX_WORKER_ID_BYTES = 256
 MAX_RSS = 1 << 50
 MAX_NTHREADS = 65536
 MAX_MEMORY_LIMIT_TEXT = 64
+MAX_RESUME_SECRET_BYTES = 256
 
 
 def check_rss(value: int, what: str) -> None:
@@ -64,7 +81,10 @@ def check_rss(value: int, what: str) -> None:
 class Supervisor(Protocol):
     """What the control plane asks of the nanny (``nanny.Nanny``)."""
 
-    def owns(self, worker_id: str, pid: int) -> bool: ...
+    def slot_secret(self, worker_id: str) -> str | None:
+        """The resume secret of the worker started as ``worker_id``; None if none was."""
+        ...
+
     async def terminate(self, worker_id: str, reason: str, heard: asyncio.Event) -> None: ...
 
 
@@ -98,6 +118,10 @@ class Session:
     nthreads: int
     scope: Scope
     keys_kept: int
+    #: The worker id's resume secret, sent back in the Session.
+    resume_secret: str = ""
+    #: The client it attached from (``edge.client_of``), for per-client limits.
+    client: str = ""
     #: Commands to send; None ends the stream (the service is shutting down).
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
     #: Who holds this worker paused: "own" (its scope) and/or "service".
@@ -134,6 +158,48 @@ def alive_without_heartbeats(pid: int, started: float | None, reports_rss: bool)
     return not reports_rss and started is not None and process_started(pid) == started
 
 
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Identities:
+    """Digests of the resume secrets handed out, by worker id; with a ``path`` (under
+    ``persist``), kept in a file only the daemon's user may read."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.digests: dict[str, str] = {}
+        if path is not None and path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                logger.warning("Cannot read %s (%s): kept workers need new ids", path, exc)
+            else:
+                self.digests = {str(k): str(v) for k, v in dict(loaded).items()}
+
+    def matches(self, worker_id: str, secret: str) -> bool:
+        digest = self.digests.get(worker_id)
+        return digest is not None and hmac.compare_digest(_digest(secret), digest)
+
+    def set(self, worker_id: str, secret: str) -> None:
+        if self.digests.get(worker_id) != _digest(secret):
+            self.digests[worker_id] = _digest(secret)
+            self._save()
+
+    def forget(self, worker_id: str) -> None:
+        if self.digests.pop(worker_id, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        partial = self.path.with_suffix(".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.digests, fh)
+        partial.replace(self.path)
+
+
 class ControlPlane:
     """Attached workers, by worker id, and the commands for them."""
 
@@ -144,18 +210,61 @@ class ControlPlane:
         heartbeat_interval: float,
         heartbeat_timeout: float,
         retention: float,
+        max_sessions_per_client: int = 64,
         supervisor: Supervisor | None = None,
+        identity_file: Path | None = None,
     ):
         self.core = core
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.retention = retention
+        self.max_sessions_per_client = max_sessions_per_client
         self.supervisor = supervisor
+        self.identities = Identities(identity_file)
         self.attached: dict[str, Session] = {}
+        self._sessions_by_client: Counter[str] = Counter()
         self._command_ids = itertools.count(1)
 
     # --- sessions -------------------------------------------------------------------------
-    async def attach(self, worker_id: str, pid: int, nthreads: int, memory_limit: str) -> Session:
+    def _prove(self, worker_id: str, secret: str) -> tuple[str, bool]:
+        """The id's resume secret to hand back, and whether the worker is supervised;
+        FailedPrecondition if ``secret`` does not prove the worker owns the id."""
+        slot_secret = self.supervisor.slot_secret(worker_id) if self.supervisor else None
+        if slot_secret is not None:
+            if not hmac.compare_digest(secret.encode(), slot_secret.encode()):
+                raise FailedPrecondition(
+                    f"worker id {worker_id!r} belongs to a worker this daemon started "
+                    f"(nanny mode); only that process may attach as it (it finds its "
+                    f"secret in {RESUME_SECRET_VARIABLE}); choose another worker id"
+                )
+            self.identities.set(worker_id, slot_secret)
+            return slot_secret, True
+        if secret and self.identities.matches(worker_id, secret):
+            return secret, False
+        kept = self.core.scopes.get(worker_id)
+        if kept is None or not kept.entries:  # nothing kept for it: the id is free
+            fresh = secrets.token_urlsafe(24)
+            self.identities.set(worker_id, fresh)
+            return fresh, False
+        raise FailedPrecondition(
+            f"worker id {worker_id!r} attached before and its {len(kept.entries)} values "
+            "are kept for it: attach "
+            f"with {'the right' if secret else 'its'} resume secret (Hello.resume_secret, "
+            "returned by its first attach; WorkerSession.resume_secret in Python), or "
+            "use another worker id. Without the secret the id is free again once its "
+            f"data is released, {self.retention:g} s after it detached (control.retention)"
+        )
+
+    async def attach(
+        self,
+        worker_id: str,
+        pid: int,
+        nthreads: int,
+        memory_limit: str,
+        *,
+        resume_secret: str = "",
+        client: str = "",
+    ) -> Session:
         """Open a session for a hello; errors say what to change."""
         size = len(worker_id.encode("utf-8"))
         if not 0 < size <= MAX_WORKER_ID_BYTES:
@@ -174,6 +283,18 @@ class ControlPlane:
                 f"Hello.nthreads is {nthreads}; give 1 to {MAX_NTHREADS} (0 means 1)"
             )
         nthreads = max(nthreads, 1)
+        if len(resume_secret.encode()) > MAX_RESUME_SECRET_BYTES:
+            raise InvalidArgument(
+                f"Hello.resume_secret is {len(resume_secret.encode())} bytes; a resume "
+                f"secret is at most {MAX_RESUME_SECRET_BYTES}: send the one the service "
+                "returned"
+            )
+        if self._sessions_by_client[client] >= self.max_sessions_per_client:
+            raise ResourceExhausted(
+                f"this client has {self._sessions_by_client[client]} Attach sessions open, "
+                "the most one client may have (limits.max-sessions-per-client); attach "
+                "further workers from their own clients"
+            )
         if len(memory_limit) > MAX_MEMORY_LIMIT_TEXT:
             raise InvalidArgument(
                 f"Hello.memory_limit is {len(memory_limit)} characters long; give at most "
@@ -187,6 +308,7 @@ class ControlPlane:
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        secret, supervised = self._prove(worker_id, resume_secret)
         session_id = secrets.token_urlsafe(18)
         scope, kept = await self.core.open_worker_scope(worker_id, limit, session_id)
         if worker_id in self.attached:  # raced with another hello while awaiting
@@ -195,11 +317,19 @@ class ControlPlane:
         # should see the new session with the old one's memo (say, terminating).
         scope.memo = ScopeMemo()  # a new session starts running
         scope.pid, scope.reported_rss = pid, None
-        scope.supervised = self.supervisor is not None and self.supervisor.owns(worker_id, pid)
+        scope.supervised = supervised
         scope.attached, scope.detached_since = True, None
         session = Session(
-            session_id, worker_id, pid, nthreads, scope, len(scope.entries) if kept else 0
+            session_id,
+            worker_id,
+            pid,
+            nthreads,
+            scope,
+            len(scope.entries) if kept else 0,
+            resume_secret=secret,
+            client=client,
         )
+        self._sessions_by_client[client] += 1
         session.started = process_started(pid)
         self.attached[worker_id] = session
         if self.service_paused:
@@ -254,6 +384,9 @@ class ControlPlane:
             sent.heard.set()  # nothing more will reach the worker on this stream
         if self.attached.get(session.worker_id) is not session:
             return
+        self._sessions_by_client[session.client] -= 1
+        if self._sessions_by_client[session.client] <= 0:
+            del self._sessions_by_client[session.client]
         del self.attached[session.worker_id]
         scope = session.scope
         scope.attached, scope.detached_since = False, time.monotonic()
@@ -278,6 +411,7 @@ class ControlPlane:
                     len(scope.entries),
                 )
                 await self.core.release_scope(scope)
+                self.identities.forget(scope.name)
 
     # --- commands ---------------------------------------------------------------------------
     @property

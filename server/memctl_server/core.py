@@ -71,6 +71,8 @@ class ServiceSettings:
     recent_to_old_time: float
     #: Seconds a Put may wait for room before RESOURCE_EXHAUSTED.
     put_wait: float = 5.0
+    #: The largest value a Put may store (``limits.max-value-size``); False: no cap.
+    max_value_size: int | Literal[False] = False
     #: Keep values across restarts (``spill_directory`` is then fixed, not temporary).
     persist: bool = False
     #: "package.module:callable" for a user-supplied store, and its keyword arguments.
@@ -225,6 +227,15 @@ class MemoryService:
             )
         return self.scopes[name]
 
+    def scope_named(self, name: str) -> Scope:
+        """A scope by name, for an admin naming one (``memctl-scope``)."""
+        scope = self.scopes.get(name)
+        if scope is None:
+            raise FailedPrecondition(
+                f"there is no scope named {name!r}; memctl status lists the scopes"
+            )
+        return scope
+
     # --- worker scopes ------------------------------------------------------------------
     def _add_scope(self, scope: Scope) -> None:
         self.scopes[scope.name] = scope
@@ -277,6 +288,13 @@ class MemoryService:
         problem = metadata_problem(request.metadata)
         if problem:
             raise InvalidArgument(problem)
+        most = self.settings.max_value_size
+        if most is not False and request.size > most:
+            raise ResourceExhausted(
+                f"Put of {request.key!r}: the value is {format_bytes(request.size)}, more "
+                f"than the {format_bytes(most)} this daemon takes in one value "
+                "(limits.max-value-size); split it, or raise the limit"
+            )
         header_size = header_length(scope.name, request.key, request.metadata)
         route = await self._reserve(scope, request.size, header_size, wait)
         try:

@@ -10,12 +10,9 @@ The domain is in ``core.py``; the call rules every method shares in ``edge.py``.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import signal
-import socket
-import stat
 import sys
 from pathlib import Path
 
@@ -23,10 +20,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from memctl.auth import default_runtime_directory, unix_socket_path
 from memctl.sizes import format_bytes
 from memctl.trim import pin_mmap_threshold
 from memctl.v1 import memctl_pb2 as pb
 
+from .auth import (
+    Authenticator,
+    AuthInterceptor,
+    configured_token,
+    new_token,
+    open_runtime_directory,
+    remove_token_file,
+    write_token_file,
+)
 from .config import ServiceConfig as Config
 from .control import ControlPlane
 from .core import MemoryService, ServiceSettings
@@ -34,6 +41,7 @@ from .edge import add_memctl_service
 from .engine import EngineSettings, Thresholds
 from .errors import MemctlError, StartupError
 from .limits import resolve_memory_limit, total_memory_with_source
+from .listener import bind, check_bind_rules, server_credentials, warn_insecure
 from .metrics import Metrics, MetricsError, start_metrics
 from .monitor import Monitor
 from .nanny import Nanny
@@ -66,7 +74,7 @@ SERVER_OPTIONS = [
     # and on the HTTP/2 transport a shed call is just unreferenced, i.e. cancelled:
     # the client sees RST_STREAM(CANCEL), CANCELLED with no message, at ~30% of a
     # 5000-call burst. A longer backlog makes such callers wait instead; what bounds
-    # the work is ``edge.MAX_ACTIVE_CALLS`` (RESOURCE_EXHAUSTED with a message), and
+    # the work is ``limits.max-calls`` (RESOURCE_EXHAUSTED with a message), and
     # client deadlines. Each queued call costs ~10 KiB.
     ("grpc.server.max_pending_requests", MAX_QUEUED_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_QUEUED_CALLS),
@@ -98,60 +106,12 @@ def settings_from_config(config: Config) -> tuple[ServiceSettings, SpillDirector
         monitor_interval=memory.monitor_interval,
         recent_to_old_time=memory.recent_to_old_time,
         put_wait=memory.put_wait,
+        max_value_size=config.limits.max_value_size,
         persist=config.persist,
         store_factory=config.store.factory,
         store_kwargs=config.store.kwargs,
     )
     return settings, spill
-
-
-def _unix_path(address: str) -> Path | None:
-    if address.startswith("unix://"):
-        return Path(address[len("unix://") :])
-    if address.startswith("unix:"):
-        return Path(address[len("unix:") :])
-    return None
-
-
-def _claim_unix_socket(path: Path) -> None:
-    """gRPC silently replaces an existing socket file: refuse if someone listens on it."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"cannot listen on unix:{path}: it exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise StartupError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
-        path.unlink(missing_ok=True)  # stale socket of a daemon that died
-    else:
-        raise StartupError(
-            f"cannot listen on unix:{path}: another process (another memctl?) is serving "
-            "there; stop it or choose another --address"
-        )
-    finally:
-        probe.close()
-
-
-def _bind(server: grpc.aio.Server, address: str) -> str:
-    """Bind ``address``; the address really bound (port 0 resolved)."""
-    unix = _unix_path(address)
-    if unix is not None:
-        _claim_unix_socket(unix)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise StartupError(
-            f"cannot listen on {address}: the address is in use (another memctl?) or not "
-            "valid here; stop the other process or choose another --address"
-        ) from exc
-    if unix is None and address.rsplit(":", 1)[-1] == "0":
-        return f"{address.rsplit(':', 1)[0]}:{port}"
-    return address
 
 
 class MemctlServer:
@@ -173,6 +133,7 @@ class MemctlServer:
         server: grpc.aio.Server,
         health_servicer: health.aio.HealthServicer,
         address: str,
+        authenticator: Authenticator,
     ):
         self.config = config
         self.spill = spill
@@ -183,6 +144,7 @@ class MemctlServer:
         self.health = health_servicer
         #: The address really bound (port 0 resolved).
         self.address = address
+        self.authenticator = authenticator
         self.nanny: Nanny | None = None
         self._background: list[asyncio.Task[None]] = []
 
@@ -212,6 +174,7 @@ class MemctlServer:
                     terminate_notice=config.nanny.terminate_notice,
                     terminate_grace=config.nanny.terminate_grace,
                     events=self.core.events,
+                    authenticator=self.authenticator,
                 )
                 self.control.supervisor = self.nanny
                 self.nanny.start()
@@ -220,10 +183,13 @@ class MemctlServer:
             self._release()
             raise
         logger.info(
-            "memctl %s serving on %s, spilling to %s",
+            "memctl %s serving on %s, spilling to %s; %s",
             self.core.version,
             self.address,
             self.spill.path,
+            f"token in {self.authenticator.token_path}"
+            if self.authenticator.enabled
+            else "no authentication (auth: none)",
         )
 
     async def stop(self, grace: float = DRAIN_GRACE) -> None:
@@ -248,9 +214,7 @@ class MemctlServer:
             self.metrics.shutdown()
         self.core.close()
         self.spill.close(remove=not self.core.settings.persist)
-        unix = _unix_path(self.address)
-        if unix is not None:
-            unix.unlink(missing_ok=True)
+        _release_listener(self.address, self.authenticator)
 
     async def __aenter__(self) -> MemctlServer:
         await self.start()
@@ -260,28 +224,72 @@ class MemctlServer:
         await self.stop()
 
 
+def _release_listener(address: str, authenticator: Authenticator) -> None:
+    """Remove what binding left on disk: the unix socket, the token file."""
+    unix = unix_socket_path(address)
+    if unix is not None:
+        unix.unlink(missing_ok=True)
+    if authenticator.token is not None and authenticator.token_path is not None:
+        remove_token_file(authenticator.token_path, authenticator.token)
+
+
+def _authenticator(config: Config) -> Authenticator:
+    """The daemon's token (``token-file``'s, else a new one); none with ``auth: none``."""
+    if config.auth == "none":
+        return Authenticator(None, None)
+    token = configured_token(Path(config.token_file)) if config.token_file else new_token()
+    return Authenticator(token, None)
+
+
 def build_server(config: Config) -> MemctlServer:
     """Everything ``memctl serve`` sets up, bound to ``config.address`` but not started.
 
     Call it inside a running event loop (grpc's aio server binds to it). Raises
     StartupError, having released what it made, when the daemon cannot start.
     """
+    exposed = check_bind_rules(config)
+    credentials = server_credentials(config)
+    authenticator = _authenticator(config)
+    runtime = None
+    if authenticator.enabled:
+        runtime = open_runtime_directory(
+            Path(config.runtime_directory or default_runtime_directory())
+        )
     settings, spill = settings_from_config(config)
     core: MemoryService | None = None
     metrics: Metrics | None = None
+    address: str | None = None
     try:
         core = MemoryService(settings)
         metrics = start_metrics(core, config.metrics)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if metrics is not None:
+            interceptors.append(metrics.interceptor)  # first, so refused calls count too
+        if authenticator.enabled:
+            interceptors.append(AuthInterceptor(authenticator))
+        limits = config.limits
         server = grpc.aio.server(
-            options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
+            options=[
+                *SERVER_OPTIONS,
+                ("grpc.max_receive_message_length", limits.max_message_size),
+            ],
+            interceptors=interceptors or None,
         )
         control = ControlPlane(
             core,
             heartbeat_interval=config.control.heartbeat_interval,
             heartbeat_timeout=config.control.heartbeat_timeout,
             retention=config.control.retention,
+            max_sessions_per_client=limits.max_sessions_per_client,
+            # With persist, kept workers' resume secrets must outlive the daemon too.
+            identity_file=spill.path / "identities.json" if config.persist else None,
         )
-        add_memctl_service(server, MemctlServicer(core, control))
+        add_memctl_service(
+            server,
+            MemctlServicer(core, control, authenticator),
+            max_calls=limits.max_calls,
+            max_calls_per_client=limits.max_calls_per_client,
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -292,8 +300,19 @@ def build_server(config: Config) -> MemctlServer:
             ),
             server,
         )
-        address = _bind(server, config.address)
+        address = bind(server, config, credentials)
+        if exposed:
+            warn_insecure(address)
+        if runtime is not None and authenticator.token is not None:
+            try:
+                authenticator.token_path = write_token_file(runtime, address, authenticator.token)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot write the token file in {runtime}: {exc.strerror}"
+                ) from exc
     except BaseException as exc:
+        if address is not None:
+            _release_listener(address, authenticator)
         if metrics is not None:
             metrics.shutdown()
         if core is not None:
@@ -302,15 +321,28 @@ def build_server(config: Config) -> MemctlServer:
         if isinstance(exc, MemctlError | MetricsError):
             raise StartupError(str(exc)) from exc
         raise
-    return MemctlServer(config, spill, core, control, metrics, server, health_servicer, address)
+    return MemctlServer(
+        config,
+        spill,
+        core,
+        control,
+        metrics,
+        server,
+        health_servicer,
+        address,
+        authenticator,
+    )
 
 
 async def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean exit."""
     pin_mmap_threshold()  # process-wide malloc tuning: the daemon's, not a test's
     async with build_server(config) as server:
-        # One line on stdout, so scripts (and tests) learn the address really bound.
+        # One line on stdout, so scripts (and tests) learn the address really bound;
+        # then where its token is.
         print(f"memctl serving on {server.address}", flush=True)
+        if server.authenticator.token_path is not None:
+            print(f"memctl token in {server.authenticator.token_path}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

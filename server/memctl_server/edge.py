@@ -11,9 +11,12 @@ Two rules for every method, kept here so that no servicer method can forget them
   INVALID_ARGUMENT with one line naming the message type and what was wrong — for a
   unary request before the method runs, for a streamed one (Put, Attach) at the
   point the servicer reads the bad message.
-* **A bounded number of calls at once** (``MAX_ACTIVE_CALLS``); past it a call gets
-  RESOURCE_EXHAUSTED saying the daemon is busy, never a bare CANCELLED (see
-  ``daemon.SERVER_OPTIONS`` for where gRPC itself would otherwise drop calls).
+* **A bounded number of calls at once**, in total (``limits.max-calls``) and per
+  client (``limits.max-calls-per-client``); past either a call gets
+  RESOURCE_EXHAUSTED saying so, never a bare CANCELLED (see
+  ``daemon.SERVER_OPTIONS`` for where gRPC itself would otherwise drop calls). A
+  client is what its ``memctl-client`` call metadata names (one ``memctl.Client``),
+  else its connection.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from memctl.auth import CLIENT_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 
 from .errors import InvalidArgument
@@ -35,8 +39,6 @@ from .errors import InvalidArgument
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemctlService"]
-#: Calls in progress at once (Attach streams included); more get RESOURCE_EXHAUSTED.
-MAX_ACTIVE_CALLS = 10_000
 
 
 @dataclass(frozen=True)
@@ -73,21 +75,51 @@ async def _checked(
         yield request
 
 
+def client_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Which client a call comes from, for per-client limits."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_METADATA_KEY:
+            return f"client {str(value)[:64]}"
+    return str(context.peer())
+
+
 class _Gate:
-    """Counts calls in progress; refuses past ``limit``."""
+    """Counts calls in progress, in total and per client; refuses past either limit."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_client: int):
         self.limit = limit
+        self.per_client = per_client
         self.active = 0
+        self.by_client: dict[str, int] = {}
 
-    async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Count the call in; the client to ``leave`` with."""
+        client = client_of(context)
         if self.active >= self.limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"memctl is busy: {self.active} calls in progress, the most it serves at "
-                "once; retry in a moment",
+                "once (limits.max-calls); retry in a moment",
+            )
+        mine = self.by_client.get(client, 0)
+        if mine >= self.per_client:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client has {mine} calls in progress, the most one client may have "
+                "(limits.max-calls-per-client); wait for some to finish, or spread the "
+                "work over more clients",
             )
         self.active += 1
+        self.by_client[client] = mine + 1
+        return client
+
+    def leave(self, client: str) -> None:
+        self.active -= 1
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: InvalidArgument) -> None:
@@ -110,36 +142,36 @@ def _wrap(
     if inspect.isasyncgenfunction(behaviour):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await gate.enter(context)
+            client = await gate.enter(context)
             try:
                 async for response in behaviour(prepare(request), context):
                     yield response
             except UndecodableMessage as exc:
                 await _refuse(context, exc)
             finally:
-                gate.active -= 1
+                gate.leave(client)
 
         return streaming
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await gate.enter(context)
+        client = await gate.enter(context)
         try:
             return await behaviour(prepare(request), context)
         except UndecodableMessage as exc:
             await _refuse(context, exc)
             raise AssertionError("unreachable: abort raises") from exc
         finally:
-            gate.active -= 1
+            gate.leave(client)
 
     return unary
 
 
 def add_memctl_service(
-    server: grpc.aio.Server, servicer: Any, max_active_calls: int = MAX_ACTIVE_CALLS
+    server: grpc.aio.Server, servicer: Any, *, max_calls: int, max_calls_per_client: int
 ) -> None:
     """Register ``servicer``'s methods, as the generated ``add_…_to_server`` does, with
     our deserializers and wrappers."""
-    gate = _Gate(max_active_calls)
+    gate = _Gate(max_calls, max_calls_per_client)
     factories = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,

@@ -29,6 +29,12 @@ class FailedPrecondition(MemctlError):
     code = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(MemctlError):
+    """The caller's token does not allow this (a worker token outside its own scope)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class DataLoss(MemctlError):
     """A stored value was found damaged (its spill file corrupt, truncated or gone)."""
 

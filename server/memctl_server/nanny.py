@@ -3,7 +3,10 @@
 ``memctl serve --worker "CMD ..." --nworkers N`` starts N copies of CMD, as Dask's
 nanny starts its worker. Each gets the service's environment plus
 ``nanny.environ`` (``MALLOC_TRIM_THRESHOLD_=65536`` by default), ``MEMCTL_ADDRESS``
-(where to attach) and ``MEMCTL_WORKER_ID`` (``worker-0``, ``worker-1``, …).
+(where to attach), ``MEMCTL_WORKER_ID`` (``worker-0``, ``worker-1``, …),
+``MEMCTL_RESUME_SECRET`` (the secret proving it is that worker: the same for every
+incarnation of a slot, so a restarted worker takes its data back) and
+``MEMCTL_TOKEN`` (a worker token: it reaches only that worker's own data).
 
 A worker that exits on its own is restarted with backoff (1 s doubling to 30 s,
 back to 1 s once it has run a minute); one the service terminates is restarted at
@@ -20,13 +23,20 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shlex
 import signal
 import time
 from dataclasses import dataclass, field
 
-import psutil
+from memctl.auth import (
+    RESUME_SECRET_VARIABLE,
+    TOKEN_FILE_VARIABLE,
+    TOKEN_VARIABLE,
+    WORKER_ID_VARIABLE,
+)
 
+from .auth import Authenticator
 from .events import EventLog
 
 logger = logging.getLogger(__name__)
@@ -37,6 +47,8 @@ BACKOFF_START, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
 @dataclass
 class Slot:
     worker_id: str
+    #: Proves an attaching process is this slot's worker (``MEMCTL_RESUME_SECRET``).
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     #: Why the service itself is killing the process (restart without backoff).
@@ -57,6 +69,7 @@ class Nanny:
         terminate_notice: float,
         terminate_grace: float,
         events: EventLog,
+        authenticator: Authenticator,
     ):
         self.argv = shlex.split(command)
         self.events = events
@@ -64,6 +77,7 @@ class Nanny:
         self.address = address
         self.terminate_notice = terminate_notice
         self.terminate_grace = terminate_grace
+        self.authenticator = authenticator
         self.slots = {f"worker-{i}": Slot(f"worker-{i}") for i in range(nworkers)}
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,12 +86,18 @@ class Nanny:
         self._tasks = [asyncio.create_task(self._supervise(slot)) for slot in self.slots.values()]
 
     def _env(self, slot: Slot) -> dict[str, str]:
-        return {
+        environ = {
             **os.environ,
             **self.environ,
             "MEMCTL_ADDRESS": self.address,
-            "MEMCTL_WORKER_ID": slot.worker_id,
+            WORKER_ID_VARIABLE: slot.worker_id,
+            RESUME_SECRET_VARIABLE: slot.secret,
         }
+        environ.pop(TOKEN_FILE_VARIABLE, None)
+        environ.pop(TOKEN_VARIABLE, None)
+        if self.authenticator.enabled:
+            environ[TOKEN_VARIABLE] = self.authenticator.worker_token(slot.worker_id)
+        return environ
 
     async def _supervise(self, slot: Slot) -> None:
         backoff = BACKOFF_START
@@ -113,17 +133,10 @@ class Nanny:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def owns(self, worker_id: str, pid: int) -> bool:
-        """Whether ``pid`` is the process (or a child of the process) started as ``worker_id``."""
+    def slot_secret(self, worker_id: str) -> str | None:
+        """The secret of the slot ``worker_id``; None if the nanny has no such slot."""
         slot = self.slots.get(worker_id)
-        if slot is None or slot.process is None or slot.process.returncode is not None:
-            return False
-        if pid == slot.process.pid:
-            return True
-        with contextlib.suppress(psutil.Error):
-            children = psutil.Process(slot.process.pid).children(recursive=True)
-            return any(child.pid == pid for child in children)
-        return False
+        return slot.secret if slot is not None else None
 
     async def terminate(self, worker_id: str, reason: str, heard: asyncio.Event) -> None:
         """Once the worker has ``heard`` TERMINATE (or the notice is up, or it exited):

@@ -17,14 +17,17 @@ from typing import Any
 
 import grpc
 
+from memctl.auth import SCOPE_METADATA_KEY
 from memctl.protocol import CHUNK_SIZE, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
+from .auth import Authenticator, Principal
 from .control import Command, ControlPlane, Session, check_rss
 from .core import MemoryService, PutRequest, ScopeSnapshot
+from .edge import client_of
 from .engine import Thresholds
-from .errors import DeadlineExceeded, InvalidArgument, MemctlError
+from .errors import DeadlineExceeded, InvalidArgument, MemctlError, PermissionDenied
 from .events import Event
 from .readings import MemoryReadings
 from .scopes import KeyInfo, Scope
@@ -58,9 +61,9 @@ async def _status_errors(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIt
         )
 
 
-def _session(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key == SESSION_METADATA_KEY:
+        if key == name:
             return str(value)
     return None
 
@@ -150,12 +153,41 @@ def _chunks(value: bytes | bytearray | memoryview) -> Iterator[bytes]:
 
 
 class MemctlServicer(pb_grpc.MemctlServiceServicer):
-    def __init__(self, core: MemoryService, control: ControlPlane):
+    """Roles are checked here: the interceptor (``auth.py``) has let in only callers
+    with a valid token; a worker token reaches only its own worker's scope, and
+    naming another scope or trimming workers needs the admin token."""
+
+    def __init__(self, core: MemoryService, control: ControlPlane, authenticator: Authenticator):
         self.core = core
         self.control = control
+        self.authenticator = authenticator
+
+    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        principal = self.authenticator.principal(context.invocation_metadata())
+        if principal is None:  # the interceptor refuses these; never reached through it
+            raise PermissionDenied(self.authenticator.refusal(context.invocation_metadata()))
+        return principal
 
     def _scope(self, context: grpc.aio.ServicerContext[Any, Any]) -> Scope:
-        return self.core.scope_for(_session(context))
+        """The scope a data call acts on: one an admin names, else the caller's own."""
+        principal = self._principal(context)
+        named = _metadata(context, SCOPE_METADATA_KEY)
+        if named is not None:
+            if not principal.admin:
+                raise PermissionDenied(
+                    f"scope {named!r}: naming a scope ({SCOPE_METADATA_KEY}) needs the "
+                    f"daemon's own token; this token is worker {principal.worker_id!r}'s "
+                    "and reaches only that worker's data"
+                )
+            return self.core.scope_named(named)
+        scope = self.core.scope_for(_metadata(context, SESSION_METADATA_KEY))
+        if not principal.admin and scope.name != principal.worker_id:
+            raise PermissionDenied(
+                f"this token is worker {principal.worker_id!r}'s and reaches only that "
+                f"worker's data; attach as {principal.worker_id!r} and send its session "
+                f"({SESSION_METADATA_KEY}) with data calls"
+            )
+        return scope
 
     async def Put(
         self,
@@ -293,6 +325,11 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         self, request: pb.TrimRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TrimResponse:
         async with _status_errors(context):
+            if request.workers and not self._principal(context).admin:
+                raise PermissionDenied(
+                    "asking every worker to trim needs the daemon's own token; a worker "
+                    "token may trim only the daemon (TrimRequest.workers false)"
+                )
             asked = self.control.trim_all() if request.workers else 0
             result = await self.core.trim()
             return pb.TrimResponse(
@@ -334,8 +371,19 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             if first is None or first.WhichOneof("kind") != "hello":
                 raise InvalidArgument("an Attach stream must start with a Hello message")
             hello = first.hello
+            principal = self._principal(context)
+            if not principal.admin and hello.worker_id != principal.worker_id:
+                raise PermissionDenied(
+                    f"this token is worker {principal.worker_id!r}'s; it may attach only "
+                    f"as {principal.worker_id!r}, not as {hello.worker_id!r}"
+                )
             session = await self.control.attach(
-                hello.worker_id, hello.pid, hello.nthreads, hello.memory_limit
+                hello.worker_id,
+                hello.pid,
+                hello.nthreads,
+                hello.memory_limit,
+                resume_secret=hello.resume_secret,
+                client=client_of(context),
             )
         why = "the stream broke"
         try:
@@ -348,6 +396,8 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                         thresholds=thresholds_pb(scope.thresholds),
                         heartbeat_interval_seconds=self.control.heartbeat_interval,
                         keys_kept=session.keys_kept,
+                        resume_secret=session.resume_secret,
+                        supervised=scope.supervised,
                     )
                 )
             )

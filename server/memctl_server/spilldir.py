@@ -105,6 +105,23 @@ def remove_stale_directories(root: Path) -> None:
             os.close(fd)
 
 
+def make_directories(path: Path, mode: int) -> None:
+    """Make ``path`` (``mode``) and its missing parents (0755), whatever the umask: under
+    umask 000 ``mkdir -p`` makes parents 0777, and another user could then swap
+    ``path`` for a directory of their own."""
+    missing = []
+    current = path
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)  # never wider than meant, even for a moment
+        except FileExistsError:
+            continue  # made meanwhile by someone else: the caller checks what it found
+        directory.chmod(mode if directory == path else 0o755)
+
+
 def create_spill_directory(root: Path) -> SpillDirectory:
     """A new private ``memctl-spill-*`` directory (0700) in ``root``, locked; stale ones
     of dead daemons are removed first.
@@ -116,7 +133,7 @@ def create_spill_directory(root: Path) -> SpillDirectory:
     A crash between the two steps leaves an empty staging directory, never data.
     """
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_directories(root, 0o755)
         remove_stale_directories(root)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))  # mode 0700
         fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -136,7 +153,7 @@ def open_persistent_directory(root: Path) -> SpillDirectory:
     """``<root>/memctl-data`` (0700), locked; StartupError if a live daemon holds it."""
     path = root / PERSISTENT_NAME
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_directories(path, 0o700)
         path.chmod(0o700)
         fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:

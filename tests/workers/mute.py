@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import grpc
 import psutil
 
+from memctl.auth import call_metadata
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
@@ -32,7 +33,8 @@ def main(address: str, worker_id: str, pid_text: str, *flags: str) -> None:
         threading.Event().wait()  # silent from here on
 
     with grpc.insecure_channel(address) as channel:
-        responses = pb_grpc.MemctlServiceStub(channel).Attach(requests())
+        stub = pb_grpc.MemctlServiceStub(channel)
+        responses = stub.Attach(requests(), metadata=call_metadata(address))
         for response in responses:
             if response.WhichOneof("kind") == "session":
                 print("attached", flush=True)

@@ -886,6 +886,7 @@ class Hello(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     NTHREADS_FIELD_NUMBER: _builtins.int
     MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
+    RESUME_SECRET_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable across restarts of the worker: re-attaching with the same id gets
     the scope and its data back.
@@ -896,6 +897,13 @@ class Hello(_message.Message):
     """"auto", a byte size ("4 GiB", "4e9"), a fraction of the host's memory
     ("0.5"), or "none".
     """
+    resume_secret: _builtins.str
+    """The secret the service returned when this worker id first attached
+    (Session.resume_secret). Required to take back the data of a worker id
+    that is detached; a nanny-started worker finds its own in the environment
+    variable MEMCTL_RESUME_SECRET, and proves with it that it is the process
+    the nanny started (only then may the service signal it).
+    """
     def __init__(
         self,
         *,
@@ -903,10 +911,11 @@ class Hello(_message.Message):
         pid: _builtins.int = ...,
         nthreads: _builtins.int = ...,
         memory_limit: _builtins.str = ...,
+        resume_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_limit", b"memory_limit", "nthreads", b"nthreads", "pid", b"pid", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_limit", b"memory_limit", "nthreads", b"nthreads", "pid", b"pid", "resume_secret", b"resume_secret", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1015,6 +1024,8 @@ class Session(_message.Message):
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     KEYS_KEPT_FIELD_NUMBER: _builtins.int
+    RESUME_SECRET_FIELD_NUMBER: _builtins.int
+    SUPERVISED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Send as call metadata `memctl-session` on data RPCs so that the values
     belong to this worker's scope.
@@ -1025,6 +1036,12 @@ class Session(_message.Message):
     """How often the service expects a heartbeat."""
     keys_kept: _builtins.int
     """Values the scope still held from an earlier session of this worker id."""
+    resume_secret: _builtins.str
+    """Proves this worker id's identity on later attaches (Hello.resume_secret):
+    keep it for as long as the worker's data should outlive its process.
+    """
+    supervised: _builtins.bool
+    """Whether the service started this worker (nanny mode) and so may signal it."""
     @_builtins.property
     def thresholds(self) -> Global___Thresholds: ...
     def __init__(
@@ -1035,10 +1052,12 @@ class Session(_message.Message):
         thresholds: Global___Thresholds | None = ...,
         heartbeat_interval_seconds: _builtins.float = ...,
         keys_kept: _builtins.int = ...,
+        resume_secret: _builtins.str = ...,
+        supervised: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "keys_kept", b"keys_kept", "memory_limit", b"memory_limit", "session_id", b"session_id", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "keys_kept", b"keys_kept", "memory_limit", b"memory_limit", "resume_secret", b"resume_secret", "session_id", b"session_id", "supervised", b"supervised", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

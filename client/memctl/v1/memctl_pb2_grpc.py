@@ -27,6 +27,15 @@ if _version_not_supported:
 
 class MemctlServiceStub:
     """MemctlService is served by every memctl daemon, one per host.
+
+    Every call carries the daemon's token as call metadata
+    `authorization: Bearer <token>` (unless the daemon runs with `auth: none`);
+    without it the call fails with UNAUTHENTICATED. The daemon's own token (the
+    admin token) may do everything; a worker token handed out by the nanny may
+    attach only as its worker and touch only that worker's data. Data calls go
+    to the caller's scope: the service scope, or an attached worker's with
+    `memctl-session: <session_id>`; an admin may name any scope with
+    `memctl-scope: <name>`.
     """
 
     def __init__(self, channel):
@@ -89,6 +98,15 @@ class MemctlServiceStub:
 
 class MemctlServiceServicer:
     """MemctlService is served by every memctl daemon, one per host.
+
+    Every call carries the daemon's token as call metadata
+    `authorization: Bearer <token>` (unless the daemon runs with `auth: none`);
+    without it the call fails with UNAUTHENTICATED. The daemon's own token (the
+    admin token) may do everything; a worker token handed out by the nanny may
+    attach only as its worker and touch only that worker's data. Data calls go
+    to the caller's scope: the service scope, or an attached worker's with
+    `memctl-session: <session_id>`; an admin may name any scope with
+    `memctl-scope: <name>`.
     """
 
     def Put(self, request_iterator, context):
@@ -236,6 +254,15 @@ def add_MemctlServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class MemctlService:
     """MemctlService is served by every memctl daemon, one per host.
+
+    Every call carries the daemon's token as call metadata
+    `authorization: Bearer <token>` (unless the daemon runs with `auth: none`);
+    without it the call fails with UNAUTHENTICATED. The daemon's own token (the
+    admin token) may do everything; a worker token handed out by the nanny may
+    attach only as its worker and touch only that worker's data. Data calls go
+    to the caller's scope: the service scope, or an attached worker's with
+    `memctl-session: <session_id>`; an admin may name any scope with
+    `memctl-scope: <name>`.
     """
 
     @staticmethod

@@ -34,7 +34,17 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MemctlServiceStub:
-    """MemctlService is served by every memctl daemon, one per host."""
+    """MemctlService is served by every memctl daemon, one per host.
+
+    Every call carries the daemon's token as call metadata
+    `authorization: Bearer <token>` (unless the daemon runs with `auth: none`);
+    without it the call fails with UNAUTHENTICATED. The daemon's own token (the
+    admin token) may do everything; a worker token handed out by the nanny may
+    attach only as its worker and touch only that worker's data. Data calls go
+    to the caller's scope: the service scope, or an attached worker's with
+    `memctl-session: <session_id>`; an admin may name any scope with
+    `memctl-scope: <name>`.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -79,7 +89,17 @@ class MemctlServiceStub:
 
 @_typing.type_check_only
 class MemctlServiceAsyncStub(MemctlServiceStub):
-    """MemctlService is served by every memctl daemon, one per host."""
+    """MemctlService is served by every memctl daemon, one per host.
+
+    Every call carries the daemon's token as call metadata
+    `authorization: Bearer <token>` (unless the daemon runs with `auth: none`);
+    without it the call fails with UNAUTHENTICATED. The daemon's own token (the
+    admin token) may do everything; a worker token handed out by the nanny may
+    attach only as its worker and touch only that worker's data. Data calls go
+    to the caller's scope: the service scope, or an attached worker's with
+    `memctl-session: <session_id>`; an admin may name any scope with
+    `memctl-scope: <name>`.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Put: _aio.StreamUnaryMultiCallable[_memctl_pb2.PutRequest, _memctl_pb2.PutResponse]  # type: ignore[assignment]
@@ -120,7 +140,17 @@ class MemctlServiceAsyncStub(MemctlServiceStub):
     """
 
 class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
-    """MemctlService is served by every memctl daemon, one per host."""
+    """MemctlService is served by every memctl daemon, one per host.
+
+    Every call carries the daemon's token as call metadata
+    `authorization: Bearer <token>` (unless the daemon runs with `auth: none`);
+    without it the call fails with UNAUTHENTICATED. The daemon's own token (the
+    admin token) may do everything; a worker token handed out by the nanny may
+    attach only as its worker and touch only that worker's data. Data calls go
+    to the caller's scope: the service scope, or an attached worker's with
+    `memctl-session: <session_id>`; an admin may name any scope with
+    `memctl-scope: <name>`.
+    """
 
     @_abc_1.abstractmethod
     def Put(
