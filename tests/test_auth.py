@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -311,21 +312,22 @@ def test_resume_secrets_outlive_a_restart_with_persist(tmp_path: Path) -> None:
         assert second.stop() == 0
 
 
+def refused_start(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``memctl serve`` with ``args``, which must refuse to start (exit 1)."""
+    address = f"unix:{tmp_path / 's.sock'}"
+    local = str(tmp_path / "l")
+    refused = run_memctl(
+        "serve", "--address", address, "--local-directory", local, *args, timeout=60
+    )
+    assert refused.returncode == 1, refused.stderr
+    return refused
+
+
 def test_a_configured_token_file_is_used_and_must_be_private(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("a-configured-token-of-some-length\n")
     token_file.chmod(0o644)
-    refused = run_memctl(
-        "serve",
-        "--address",
-        f"unix:{tmp_path / 's.sock'}",
-        "--local-directory",
-        str(tmp_path / "l"),
-        "--token-file",
-        str(token_file),
-        timeout=60,
-    )
-    assert refused.returncode == 1
+    refused = refused_start(tmp_path, "--token-file", str(token_file))
     assert "chmod 600" in refused.stderr.decode() and refused.stderr.decode().count("\n") == 1
     token_file.chmod(0o600)
     daemon = start_daemon(tmp_path / "d", "--token-file", str(token_file))
@@ -348,17 +350,7 @@ def test_a_runtime_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     os.chown(runtime, 65534, 65534)
-    refused = run_memctl(
-        "serve",
-        "--address",
-        f"unix:{tmp_path / 's.sock'}",
-        "--local-directory",
-        str(tmp_path / "l"),
-        "--set",
-        f"runtime-directory={runtime}",
-        timeout=60,
-    )
-    assert refused.returncode == 1
+    refused = refused_start(tmp_path, "--set", f"runtime-directory={runtime}")
     assert "belongs to uid 65534" in refused.stderr.decode()
     assert list(runtime.iterdir()) == []
 

@@ -44,6 +44,7 @@ from memctl.auth import (
     token_file_name,
 )
 
+from .edge import rewrap
 from .errors import StartupError
 from .spilldir import make_directories
 
@@ -159,11 +160,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if self.authenticator.principal(metadata) is not None:
             return handler
         message = self.authenticator.refusal(metadata)
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                return handler._replace(**{kind: _refuse(behaviour, message)})
-        return handler
+        return rewrap(handler, lambda behaviour: _refuse(behaviour, message))
 
 
 def _refuse(behaviour: Callable[..., Any], message: str) -> Callable[..., Any]:

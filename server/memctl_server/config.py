@@ -325,20 +325,17 @@ def _group(value: object) -> str | None:
     raise ValueError("is not allowed; use a group name or number, or null")
 
 
-def _nonnegative_bytes(value: object) -> int:
-    if isinstance(value, str | int | float) and not isinstance(value, bool):
-        try:
-            return parse_bytes(value)
-        except ValueError:
-            pass
-    raise ValueError('is not allowed; use a size like "4 MiB"')
-
-
 def _message_size(value: object) -> int:
-    size = _nonnegative_bytes(value)
-    if size < 2 * 1024 * 1024:
-        # A Put or Get message holds a 1 MiB chunk and its framing.
-        raise ValueError("is not allowed; use at least 2 MiB (values travel in 1 MiB chunks)")
+    try:
+        size = _byte_budget(value)
+    except ValueError:
+        size = False
+    # A Put or Get message holds a 1 MiB chunk and its framing.
+    if size is False or size < 2 * 1024 * 1024:
+        raise ValueError(
+            'is not allowed; use a size of at least 2 MiB, like "4 MiB" (values travel '
+            "in 1 MiB chunks)"
+        )
     return size
 
 

@@ -75,6 +75,18 @@ async def _checked(
         yield request
 
 
+def rewrap(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour (whichever of the four kinds it is) wrapped, for
+    server interceptors."""
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return handler._replace(**{kind: wrap(behaviour)})
+    return handler
+
+
 def client_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Which client a call comes from, for per-client limits."""
     for key, value in context.invocation_metadata() or ():

@@ -40,6 +40,7 @@ from memctl import __version__
 
 from .config import MetricsConfig
 from .core import MemoryService, ScopeSnapshot
+from .edge import rewrap
 from .events import EVENT_KINDS, EventLog
 from .scopes import ScopeState
 from .store import SpillCounters
@@ -290,11 +291,7 @@ class RpcCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                return handler._replace(**{kind: self._wrap(behaviour, method)})
-        return handler
+        return rewrap(handler, lambda behaviour: self._wrap(behaviour, method))
 
     def _wrap(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):
