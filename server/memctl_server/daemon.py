@@ -1,10 +1,11 @@
 """``memctl serve``: start the gRPC server, run until SIGTERM or SIGINT, clean up.
 
 Process-level concerns only: resolving the configuration into settings, the
-private spill directory, binding (loudly refusing an address in use), health and
-reflection, signals and graceful drain. ``build_server`` assembles all of it but
-signals and the stdout line, so tests can run a daemon inside their own event loop.
-The domain is in ``core.py``; the call rules every method shares in ``edge.py``.
+private spill directory, the token and its file (``auth.py``), binding under the
+bind rules, with TLS if configured (``listener.py``), health and reflection,
+signals and graceful drain. ``build_server`` assembles all of it but signals and
+the stdout lines, so tests can run a daemon inside their own event loop. The
+domain is in ``core.py``; the call rules every method shares in ``edge.py``.
 """
 
 from __future__ import annotations
