@@ -39,8 +39,9 @@ from memctl_server.auth import Authenticator
 from memctl_server.edge import SERVICE as SERVICE_DESCRIPTOR
 from tests.conftest import Daemon, run_memctl, start_daemon, wait_until
 from tests.inprocess import serving
+from tests.test_bad_input import put_stream
 from tests.test_edge import assert_status, eventually, held_open, rpc_error
-from tests.tokens import sending
+from tests.tokens import sending, token_of
 
 MiB = 1 << 20
 
@@ -55,12 +56,6 @@ def request_for(method: str) -> bytes:
     return messages.get(method, b"")
 
 
-async def forever(first: bytes) -> AsyncIterator[bytes]:
-    """A request stream that sends one message and never ends."""
-    yield first
-    await asyncio.Event().wait()
-
-
 async def call_raw(channel: grpc.aio.Channel, name: str) -> None:
     """Call ``name`` once with a well-formed request; streams are left open after their
     first message, so a refusal must not depend on reading them to the end."""
@@ -68,11 +63,11 @@ async def call_raw(channel: grpc.aio.Channel, name: str) -> None:
     path = f"/memctl.v1.MemctlService/{name}"
     first = request_for(name)
     if method.client_streaming and method.server_streaming:
-        call = channel.stream_stream(path)(forever(first), timeout=10)
+        call = channel.stream_stream(path)(held_open(first), timeout=10)
         await call.read()
         call.cancel()
     elif method.client_streaming:
-        await channel.stream_unary(path)(forever(first), timeout=10)
+        await channel.stream_unary(path)(held_open(first), timeout=10)
     elif method.server_streaming:
         async for _ in channel.unary_stream(path)(first, timeout=10):
             pass
@@ -107,7 +102,7 @@ def test_every_method_refuses_a_missing_wrong_or_malformed_token(tmp_path: Path)
             assert server.core.service_scope.entries == {}  # no refused Put stored anything
             # The right token: every method answers (with its own errors, if any).
             stub = pb_grpc.MemctlServiceStub(channel)
-            await stub.Put(forever_put("k", b"v"), timeout=10)
+            await stub.Put(put_stream("k", 1, b"v"), timeout=10)
             for method in SERVICE_DESCRIPTOR.methods:
                 try:
                     await call_raw(channel, method.name)
@@ -115,11 +110,6 @@ def test_every_method_refuses_a_missing_wrong_or_malformed_token(tmp_path: Path)
                     assert exc.code() != grpc.StatusCode.UNAUTHENTICATED, method.name
 
     asyncio.run(scenario())
-
-
-async def forever_put(key: str, value: bytes) -> AsyncIterator[pb.PutRequest]:
-    yield pb.PutRequest(header=pb.PutHeader(key=key, size=len(value)))
-    yield pb.PutRequest(chunk=value)
 
 
 def test_a_session_needs_the_token_on_every_call(tmp_path: Path) -> None:
@@ -132,7 +122,7 @@ def test_a_session_needs_the_token_on_every_call(tmp_path: Path) -> None:
             attach = stub.Attach(held_open(pb.AttachRequest(hello=pb.Hello(worker_id="w"))))
             session = (await attach.read()).session.session_id
             with_session = (("memctl-session", session),)
-            await stub.Put(forever_put("mine", b"v"), metadata=with_session, timeout=10)
+            await stub.Put(put_stream("mine", 1, b"v"), metadata=with_session, timeout=10)
             async with grpc.aio.insecure_channel(server.address) as bare:
                 bare_stub = pb_grpc.MemctlServiceStub(bare)
                 error = await rpc_error(
@@ -140,7 +130,7 @@ def test_a_session_needs_the_token_on_every_call(tmp_path: Path) -> None:
                 )
                 assert_status(error, grpc.StatusCode.UNAUTHENTICATED, "no token")
                 error = await rpc_error(
-                    bare_stub.Put(forever_put("mine", b"x"), metadata=with_session)
+                    bare_stub.Put(put_stream("mine", 1, b"x"), metadata=with_session)
                 )
                 assert_status(error, grpc.StatusCode.UNAUTHENTICATED)
             assert server.core.scopes["w"].entries["mine"].size == 1
@@ -159,7 +149,7 @@ def test_auth_none_serves_without_a_token_on_loopback(tmp_path: Path) -> None:
             assert not server.authenticator.enabled
             assert server.authenticator.token_path is None
             stub = pb_grpc.MemctlServiceStub(bare)
-            await stub.Put(forever_put("k", b"v"), timeout=10)
+            await stub.Put(put_stream("k", 1, b"v"), timeout=10)
             assert (await stub.Status(pb.StatusRequest(), timeout=10)).scopes
 
     asyncio.run(scenario())
@@ -231,14 +221,8 @@ def test_the_cli_and_client_find_the_token_with_no_configuration(daemon: Daemon)
     assert "not this daemon's" in message and token_file_name(daemon.address) in message
 
 
-def admin_token(daemon: Daemon) -> str:
-    token: str | None = find_token(daemon.address).token
-    assert token is not None
-    return token
-
-
 def test_a_worker_token_reaches_only_its_own_worker(daemon: Daemon) -> None:
-    worker_token = Authenticator(admin_token(daemon), None).worker_token("w1")
+    worker_token = Authenticator(token_of(daemon.address), None).worker_token("w1")
     with Client(daemon.address) as admin:
         admin.put("service-secret", b"admin only")
         with admin.attach("w2"):
@@ -365,11 +349,6 @@ def test_unix_socket_mode_and_group_are_configurable(spawn: Callable[..., Daemon
         assert client.status().scopes
 
 
-async def stalled_put() -> AsyncIterator[pb.PutRequest]:
-    yield pb.PutRequest(header=pb.PutHeader(key="stalled", size=10))
-    await asyncio.Event().wait()
-
-
 async def refused_soon(
     stub: pb_grpc.MemctlServiceStub, metadata: tuple[tuple[str, str], ...]
 ) -> grpc.aio.AioRpcError:
@@ -394,7 +373,8 @@ def test_limits_refuse_with_a_status_and_a_way_out(tmp_path: Path) -> None:
             limits__max_sessions_per_client="1",
         ) as (server, channel):
             stub = pb_grpc.MemctlServiceStub(channel)
-            error = await rpc_error(stub.Put(forever_put("big", b"x" * (8 * MiB + 1)), timeout=10))
+            big = b"x" * (8 * MiB + 1)
+            error = await rpc_error(stub.Put(put_stream("big", len(big), big), timeout=10))
             assert_status(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "limits.max-value-size")
 
             async def oversized() -> AsyncIterator[pb.PutRequest]:
@@ -418,7 +398,8 @@ def test_limits_refuse_with_a_status_and_a_way_out(tmp_path: Path) -> None:
             assert_status(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "max-sessions-per-client")
             # Two calls in progress (the open Attach and a stalled Put): the third of
             # the same client is refused, another client's is not.
-            stalled = stub.Put(stalled_put(), metadata=me)
+            stalled_put = held_open(pb.PutRequest(header=pb.PutHeader(key="stalled", size=10)))
+            stalled = stub.Put(stalled_put, metadata=me)
             error = await refused_soon(stub, me)
             assert_status(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "max-calls-per-client")
             await stub.Status(pb.StatusRequest(), metadata=(("memctl-client", "two"),))

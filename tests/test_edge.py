@@ -12,7 +12,7 @@ import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -26,6 +26,8 @@ from memctl_server.service import MemctlServicer
 from tests.conftest import Daemon
 from tests.inprocess import raw_call, serving
 from tests.tokens import raw_aio_channel, with_token
+
+Message = TypeVar("Message")
 
 GARBAGE = b"\xff\xff\xff"
 #: A PutHeader (and a GetRequest) whose key is not UTF-8: field 1, bytes C3 28.
@@ -161,7 +163,7 @@ def test_out_of_range_numbers_are_invalid_argument(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-async def held_open(*messages: pb.AttachRequest) -> AsyncIterator[pb.AttachRequest]:
+async def held_open(*messages: Message) -> AsyncIterator[Message]:
     """Send ``messages``, then keep the stream open until the call is cancelled."""
     for message in messages:
         yield message

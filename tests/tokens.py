@@ -101,17 +101,18 @@ class SyncWithToken(
         return continuation(self._details(details), requests)
 
 
-def _token(address: str) -> str:
-    token = find_token(address).token
+def token_of(address: str) -> str:
+    """The token of the daemon at ``address``, found as a client of its user finds it."""
+    token: str | None = find_token(address).token
     assert token is not None, f"no token file found for {address}"
     return token
 
 
 def raw_channel(address: str) -> grpc.Channel:
     """A blocking channel to the daemon at ``address``, carrying its token."""
-    return grpc.intercept_channel(grpc.insecure_channel(address), SyncWithToken(_token(address)))
+    return grpc.intercept_channel(grpc.insecure_channel(address), SyncWithToken(token_of(address)))
 
 
 def raw_aio_channel(address: str) -> grpc.aio.Channel:
     """An aio channel to the daemon at ``address``, carrying its token."""
-    return grpc.aio.insecure_channel(address, interceptors=with_token(_token(address)))
+    return grpc.aio.insecure_channel(address, interceptors=with_token(token_of(address)))

@@ -39,31 +39,28 @@ RESUME_SECRET_VARIABLE = "MEMCTL_RESUME_SECRET"
 WORKER_ID_VARIABLE = "MEMCTL_WORKER_ID"
 
 
-def default_runtime_directory() -> Path:
-    """Where a daemon of this user keeps its token files unless told otherwise."""
+def _default_directories() -> list[Path]:
+    """The runtime directories a daemon of this user may default to, its own first:
+    ``$XDG_RUNTIME_DIR/memctl``, ``/run/memctl`` for root, ``<tmp>/memctl-<uid>``."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "memctl"
+    defaults = [Path(xdg) / "memctl"] if xdg else []
     if os.geteuid() == 0:
-        return Path("/run/memctl")
-    return Path(tempfile.gettempdir()) / f"memctl-{os.geteuid()}"
+        defaults.append(Path("/run/memctl"))
+    defaults.append(Path(tempfile.gettempdir()) / f"memctl-{os.geteuid()}")
+    return defaults
+
+
+def runtime_directory(configured: str | None) -> Path:
+    """Where a daemon keeps its token file: ``configured`` (``runtime-directory``),
+    else this user's default."""
+    return Path(configured) if configured else _default_directories()[0]
 
 
 def _runtime_directories() -> list[Path]:
     """Where a client looks for token files, most specific first."""
-    found: list[Path] = []
     configured = os.environ.get(RUNTIME_DIRECTORY_VARIABLE)
     candidates = [Path(configured)] if configured else []
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        candidates.append(Path(xdg) / "memctl")
-    if os.geteuid() == 0:
-        candidates.append(Path("/run/memctl"))
-    candidates.append(Path(tempfile.gettempdir()) / f"memctl-{os.geteuid()}")
-    for path in candidates:
-        if path not in found:
-            found.append(path)
-    return found
+    return list(dict.fromkeys([*candidates, *_default_directories()]))
 
 
 def unix_socket_path(address: str) -> Path | None:
@@ -136,20 +133,15 @@ def find_token(
 class TokenSource:
     """The ``authorization`` metadata a client sends. A token read from a file is read
     again whenever the file changes (one ``stat`` per call), so that a long-lived
-    client keeps working when the daemon restarts with a new token."""
+    client keeps working when the daemon restarts with a new token; with no token
+    found yet (the daemon may be starting), its file is looked for at every call."""
 
     def __init__(self, address: str, token: str | None, token_file: str | Path | None):
+        self._address = address
         found = find_token(address, token, token_file)
         self.path = found.path
         self._seen = self._stamp()
-        self.items = self._items(found.token)
-        if found.path is None and found.token is None:
-            # Not there yet (the daemon may be starting): look for its file again.
-            self.path = None
-            self._address = address
-            self._searching = True
-        else:
-            self._searching = False
+        self.items = authorization(found.token)
 
     def _stamp(self) -> tuple[int, int] | None:
         if self.path is None:
@@ -160,26 +152,21 @@ class TokenSource:
             return None
         return info.st_ino, info.st_mtime_ns
 
-    @staticmethod
-    def _items(token: str | None) -> tuple[tuple[str, str], ...]:
-        return ((AUTHORIZATION_METADATA_KEY, bearer(token)),) if token else ()
-
     def current(self) -> tuple[tuple[str, str], ...]:
         """The metadata for the next call."""
-        if self._searching:
-            found = find_token(self._address)
-            if found.token is not None:
-                self._searching, self.path = False, found.path
-                self._seen, self.items = self._stamp(), self._items(found.token)
+        if self.path is None:
+            if not self.items:  # nothing found yet
+                found = find_token(self._address)
+                self.path, self.items = found.path, authorization(found.token)
+                self._seen = self._stamp()
             return self.items
-        if self.path is not None:
-            stamp = self._stamp()
-            if stamp is not None and stamp != self._seen:
-                try:
-                    self.items = self._items(read_token_file(self.path))
-                except (OSError, ValueError):
-                    return self.items
-                self._seen = stamp
+        stamp = self._stamp()
+        if stamp is not None and stamp != self._seen:
+            try:
+                self.items = authorization(read_token_file(self.path))
+            except (OSError, ValueError):
+                return self.items
+            self._seen = stamp
         return self.items
 
 
@@ -187,8 +174,12 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
+def authorization(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata sending ``token``; none without one."""
+    return ((AUTHORIZATION_METADATA_KEY, bearer(token)),) if token else ()
+
+
 def call_metadata(address: str) -> tuple[tuple[str, str], ...]:
     """The call metadata proving this user to the daemon at ``address`` (empty if no
     token is found), for code calling memctl through its own gRPC stubs."""
-    found = find_token(address)
-    return ((AUTHORIZATION_METADATA_KEY, bearer(found.token)),) if found.token else ()
+    return authorization(find_token(address).token)

@@ -27,7 +27,7 @@ from rich.live import Live
 
 from . import __version__
 from ._base import DEFAULT_ADDRESS, DEFAULT_TIMEOUT
-from .auth import default_runtime_directory, token_file_name
+from .auth import runtime_directory, token_file_name
 from .client import Client
 from .dashboard import render_status, render_unreachable
 from .errors import MemctlError
@@ -99,8 +99,7 @@ def _token_path(config: Any) -> str:
     """Where the daemon of ``config`` writes its token (for ``memctl config``)."""
     if config.auth == "none":
         return "none (auth: none)"
-    directory = Path(config.runtime_directory or default_runtime_directory())
-    return str(directory / token_file_name(config.address))
+    return str(runtime_directory(config.runtime_directory) / token_file_name(config.address))
 
 
 def cmd_config(args: argparse.Namespace) -> int:

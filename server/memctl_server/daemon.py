@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memctl.auth import default_runtime_directory, unix_socket_path
+from memctl.auth import runtime_directory, unix_socket_path
 from memctl.sizes import format_bytes
 from memctl.trim import pin_mmap_threshold
 from memctl.v1 import memctl_pb2 as pb
@@ -253,9 +253,7 @@ def build_server(config: Config) -> MemctlServer:
     authenticator = _authenticator(config)
     runtime = None
     if authenticator.enabled:
-        runtime = open_runtime_directory(
-            Path(config.runtime_directory or default_runtime_directory())
-        )
+        runtime = open_runtime_directory(runtime_directory(config.runtime_directory))
     settings, spill = settings_from_config(config)
     core: MemoryService | None = None
     metrics: Metrics | None = None

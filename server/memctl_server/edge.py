@@ -87,12 +87,18 @@ def rewrap(
     return handler
 
 
+def metadata_value(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
+    """The call metadata ``name``'s value, if the call carries it."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return str(value)
+    return None
+
+
 def client_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Which client a call comes from, for per-client limits."""
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_METADATA_KEY:
-            return f"client {str(value)[:64]}"
-    return str(context.peer())
+    named = metadata_value(context, CLIENT_METADATA_KEY)
+    return f"client {named[:64]}" if named is not None else str(context.peer())
 
 
 class _Gate:

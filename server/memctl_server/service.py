@@ -25,7 +25,7 @@ from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from .auth import Authenticator, Principal
 from .control import Command, ControlPlane, Session, check_rss
 from .core import MemoryService, PutRequest, ScopeSnapshot
-from .edge import client_of
+from .edge import client_of, metadata_value
 from .engine import Thresholds
 from .errors import DeadlineExceeded, InvalidArgument, MemctlError, PermissionDenied
 from .events import Event
@@ -59,13 +59,6 @@ async def _status_errors(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIt
             grpc.StatusCode.INTERNAL,
             f"memctl hit an unexpected {type(exc).__name__}; the service log has details",
         )
-
-
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return str(value)
-    return None
 
 
 def thresholds_pb(thresholds: Thresholds) -> pb.Thresholds:
@@ -171,7 +164,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
     def _scope(self, context: grpc.aio.ServicerContext[Any, Any]) -> Scope:
         """The scope a data call acts on: one an admin names, else the caller's own."""
         principal = self._principal(context)
-        named = _metadata(context, SCOPE_METADATA_KEY)
+        named = metadata_value(context, SCOPE_METADATA_KEY)
         if named is not None:
             if not principal.admin:
                 raise PermissionDenied(
@@ -180,7 +173,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     "and reaches only that worker's data"
                 )
             return self.core.scope_named(named)
-        scope = self.core.scope_for(_metadata(context, SESSION_METADATA_KEY))
+        scope = self.core.scope_for(metadata_value(context, SESSION_METADATA_KEY))
         if not principal.admin and scope.name != principal.worker_id:
             raise PermissionDenied(
                 f"this token is worker {principal.worker_id!r}'s and reaches only that "
