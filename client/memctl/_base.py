@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,8 +15,15 @@ import crc32c
 import grpc
 
 from .auth import AUTHORIZATION_METADATA_KEY, CLIENT_METADATA_KEY, SCOPE_METADATA_KEY, TokenSource
-from .errors import DataLoss, InvalidArgument, MemctlError, translate
-from .protocol import CHUNK_SIZE, SESSION_METADATA_KEY, key_problem, metadata_problem
+from .errors import DataLoss, InvalidArgument, MemctlError, from_failure, translate
+from .protocol import (
+    CHUNK_SIZE,
+    MAX_INLINE_TOTAL,
+    MAX_INLINE_VALUE,
+    SESSION_METADATA_KEY,
+    key_problem,
+    metadata_problem,
+)
 from .results import EvictResult, PutResult, StoredValue, TrimResult, location_name
 from .v1 import memctl_pb2 as pb
 
@@ -73,6 +80,77 @@ def _put_stream(key: str, view: memoryview, metadata: bytes) -> Iterator[pb.PutR
     )
     for start in range(0, view.nbytes, CHUNK_SIZE):
         yield pb.PutRequest(chunk=bytes(view[start : start + CHUNK_SIZE]))
+
+
+def is_inline(data: Buffer) -> bool:
+    """Whether a value travels whole in one message (else it is streamed in chunks)."""
+    return memoryview(data).nbytes <= MAX_INLINE_VALUE
+
+
+def put_item(key: str, data: Buffer, metadata: bytes) -> pb.PutItem:
+    """One value of a PutMany, checked, with its CRC32C."""
+    check_key(key)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise InvalidArgument(problem)
+    value = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+    return pb.PutItem(key=key, data=value, metadata=metadata, crc32c=crc32c.crc32c(value))
+
+
+def put_operation(items: list[pb.PutItem]) -> pb.Operation:
+    return pb.Operation(put_many=pb.PutManyRequest(items=items))
+
+
+def get_operation(keys: list[str]) -> pb.Operation:
+    return pb.Operation(get_many=pb.GetManyRequest(keys=keys))
+
+
+def batches_of(
+    items: list[tuple[int, pb.PutItem]],
+) -> Iterator[list[tuple[int, pb.PutItem]]]:
+    """Numbered ``items`` in groups of at most about MAX_INLINE_TOTAL bytes (one
+    message each)."""
+    batch: list[tuple[int, pb.PutItem]] = []
+    size = 0
+    for numbered in items:
+        item_size = len(numbered[1].data) + len(numbered[1].key)
+        if batch and size + item_size > MAX_INLINE_TOTAL:
+            yield batch
+            batch, size = [], 0
+        batch.append(numbered)
+        size += item_size
+    if batch:
+        yield batch
+
+
+def key_batches(keys: list[str], per_batch: int = 1000) -> Iterator[list[str]]:
+    """``keys`` in groups that fit one message (keys are up to 4 KiB); one group,
+    empty, for no keys, so that the service says what is wrong with that."""
+    for start in range(0, max(len(keys), 1), per_batch):
+        yield keys[start : start + per_batch]
+
+
+def put_pairs(
+    items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]],
+) -> list[tuple[str, Buffer]]:
+    return list(items.items()) if isinstance(items, Mapping) else list(items)
+
+
+def stored_value(item: pb.GetItem, address: str) -> StoredValue | None:
+    """A GetMany item as a value; None if it is not there. The caller reads a
+    ``streamed`` item with Get."""
+    if item.HasField("failure"):
+        raise from_failure(item.failure.code, item.failure.message, address, item.key)
+    if not item.found:
+        return None
+    crc = crc32c.crc32c(item.data)
+    if crc != item.crc32c:
+        raise DataLoss(
+            f"Get of {item.key!r}: the bytes received have CRC32C {crc:#010x}, the "
+            f"service sent {item.crc32c:#010x}; they were damaged on the way, read the "
+            "value again"
+        )
+    return StoredValue(item.data, item.metadata, location_name(item.location))
 
 
 def put_result(response: pb.PutResponse) -> PutResult:

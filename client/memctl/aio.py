@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 
 import grpc
 
 from . import _base
 from ._base import Buffer, ClientBase, rpc_errors
+from .pipeline import AsyncPipeline
 from .results import (
     EventRecord,
     EvictResult,
@@ -33,15 +35,60 @@ class AsyncClient(ClientBase):
                 self.address, self.credentials, options=_base.CHANNEL_OPTIONS
             )
         self._stub = pb_grpc.MemctlServiceStub(self._channel)
+        self._pipeline = AsyncPipeline(self._stub, self.address, lambda: self.metadata)
 
     async def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
+        if not _base.is_inline(data):
+            return await self._put_streamed(key, data, metadata)
+        item = _base.put_item(key, data, metadata)
+        result = await self._pipeline.call(_base.put_operation([item]), self.timeout, key)
+        return _base.put_result(result.put_many.results[0])
+
+    async def _put_streamed(self, key: str, data: Buffer, metadata: bytes) -> PutResult:
         requests = _base.put_requests(key, data, metadata)
         with rpc_errors(self.address, key):
             response = await self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
         return _base.put_result(response)
 
+    async def put_many(
+        self, items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]], metadata: bytes = b""
+    ) -> list[PutResult]:
+        pairs = _base.put_pairs(items)
+        small = [
+            (i, _base.put_item(k, v, metadata))
+            for i, (k, v) in enumerate(pairs)
+            if _base.is_inline(v)
+        ]
+        batches = list(_base.batches_of(small))
+        answers = await asyncio.gather(
+            *(
+                self._pipeline.call(
+                    _base.put_operation([item for _, item in batch]), self.timeout, batch[0][1].key
+                )
+                for batch in batches
+            )
+        )
+        results: dict[int, PutResult] = {}
+        for batch, answer in zip(batches, answers, strict=True):
+            for (index, _), response in zip(batch, answer.put_many.results, strict=True):
+                results[index] = _base.put_result(response)
+        for index, (key, value) in enumerate(pairs):
+            if index not in results:
+                results[index] = await self._put_streamed(key, value, metadata)
+        return [results[index] for index in range(len(pairs))]
+
     async def get_value(self, key: str) -> StoredValue:
         _base.check_key(key)
+        result = await self._pipeline.call(_base.get_operation([key]), self.timeout, key)
+        item = result.get_many.items[0]
+        if item.streamed:
+            return await self._get_streamed(key)
+        value = _base.stored_value(item, self.address)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    async def _get_streamed(self, key: str) -> StoredValue:
         assembler = _base.GetAssembler(key)
         with rpc_errors(self.address, key):
             async for message in self._stub.Get(
@@ -53,13 +100,30 @@ class AsyncClient(ClientBase):
     async def get(self, key: str) -> bytes:
         return (await self.get_value(key)).data
 
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        names = _base.keys_list(keys)
+        if not names:
+            return {}
+        answers = await asyncio.gather(
+            *(
+                self._pipeline.call(_base.get_operation(batch), self.timeout)
+                for batch in _base.key_batches(names)
+            )
+        )
+        values: dict[str, bytes] = {}
+        for answer in answers:
+            for item in answer.get_many.items:
+                if item.streamed:
+                    values[item.key] = (await self._get_streamed(item.key)).data
+                elif (value := _base.stored_value(item, self.address)) is not None:
+                    values[item.key] = value.data
+        return values
+
     async def stat(self, key: str) -> KeyInfo:
         _base.check_key(key)
-        with rpc_errors(self.address, key):
-            response = await self._stub.Stat(
-                pb.StatRequest(key=key), timeout=self.timeout, metadata=self.metadata
-            )
-        return KeyInfo.from_pb(response.info)
+        operation = pb.Operation(stat=pb.StatRequest(key=key))
+        result = await self._pipeline.call(operation, self.timeout, key)
+        return KeyInfo.from_pb(result.stat.info)
 
     async def list_keys(self, prefix: str = "") -> AsyncIterator[KeyInfo]:
         token = ""
@@ -85,12 +149,16 @@ class AsyncClient(ClientBase):
         return _base.evict_result(response)
 
     async def delete(self, keys: str | Iterable[str]) -> int:
-        request = pb.DeleteRequest(keys=_base.keys_list(keys))
-        with rpc_errors(self.address):
-            response = await self._stub.Delete(
-                request, timeout=self.timeout, metadata=self.metadata
+        answers = await asyncio.gather(
+            *(
+                self._pipeline.call(pb.Operation(delete=pb.DeleteRequest(keys=batch)), self.timeout)
+                for batch in _base.key_batches(_base.keys_list(keys))
             )
-        return int(response.deleted)
+        )
+        return sum(int(answer.delete.deleted) for answer in answers)
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        return await self.delete(keys)
 
     async def status(self) -> Status:
         with rpc_errors(self.address):
@@ -117,6 +185,7 @@ class AsyncClient(ClientBase):
         return [EventRecord.from_pb(event) for event in response.events]
 
     async def close(self) -> None:
+        self._pipeline.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 
 import grpc
@@ -12,6 +12,7 @@ from . import _base
 from ._base import Buffer, ClientBase, rpc_errors
 from .auth import RESUME_SECRET_VARIABLE, WORKER_ID_VARIABLE
 from .errors import InvalidArgument
+from .pipeline import Pipeline
 from .protocol import SESSION_METADATA_KEY
 from .results import (
     EventRecord,
@@ -53,17 +54,66 @@ class Client(ClientBase):
                 self.address, self.credentials, options=_base.CHANNEL_OPTIONS
             )
         self._stub = pb_grpc.MemctlServiceStub(self._channel)
+        self._pipeline = Pipeline(self._stub, self.address, lambda: self.metadata)
 
     def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
-        """Store ``data`` under ``key``; atomic: readers see the old value or the new."""
+        """Store ``data`` under ``key``; atomic: readers see the old value or the new.
+
+        A value up to 1 MiB travels whole in one message, shared with whatever other
+        threads of this process are sending (see ``memctl.pipeline``); larger ones
+        are streamed in chunks.
+        """
+        if not _base.is_inline(data):
+            return self._put_streamed(key, data, metadata)
+        item = _base.put_item(key, data, metadata)
+        result = self._pipeline.call(_base.put_operation([item]), self.timeout, key)
+        return _base.put_result(result.put_many.results[0])
+
+    def _put_streamed(self, key: str, data: Buffer, metadata: bytes) -> PutResult:
         requests = _base.put_requests(key, data, metadata)
         with rpc_errors(self.address, key):
             response = self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
         return _base.put_result(response)
 
+    def put_many(
+        self, items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]], metadata: bytes = b""
+    ) -> list[PutResult]:
+        """Store several values (a mapping or key-value pairs), in as few messages as
+        fit them; results in the order given. Each message is all or nothing; a
+        failure raises, and values of messages already answered stay stored."""
+        pairs = _base.put_pairs(items)
+        small = [
+            (i, _base.put_item(k, v, metadata))
+            for i, (k, v) in enumerate(pairs)
+            if _base.is_inline(v)
+        ]
+        results: dict[int, PutResult] = {}
+        sent = [
+            (batch, self._pipeline.send(_base.put_operation([item for _, item in batch])))
+            for batch in _base.batches_of(small)
+        ]
+        for batch, one in sent:
+            answer = self._pipeline.wait(one, self.timeout, batch[0][1].key)
+            for (index, _), response in zip(batch, answer.put_many.results, strict=True):
+                results[index] = _base.put_result(response)
+        for index, (key, value) in enumerate(pairs):
+            if index not in results:
+                results[index] = self._put_streamed(key, value, metadata)
+        return [results[index] for index in range(len(pairs))]
+
     def get_value(self, key: str) -> StoredValue:
         """The value under ``key`` with its metadata and where it was."""
         _base.check_key(key)
+        result = self._pipeline.call(_base.get_operation([key]), self.timeout, key)
+        item = result.get_many.items[0]
+        if item.streamed:
+            return self._get_streamed(key)
+        value = _base.stored_value(item, self.address)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def _get_streamed(self, key: str) -> StoredValue:
         assembler = _base.GetAssembler(key)
         with rpc_errors(self.address, key):
             for message in self._stub.Get(
@@ -76,14 +126,30 @@ class Client(ClientBase):
         """The value under ``key``; ``KeyError`` if there is none."""
         return self.get_value(key).data
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values under ``keys`` that exist (missing keys are left out), fetched
+        in as few messages as carry them."""
+        names = _base.keys_list(keys)
+        if not names:
+            return {}
+        sent = [
+            self._pipeline.send(_base.get_operation(batch)) for batch in _base.key_batches(names)
+        ]
+        values: dict[str, bytes] = {}
+        for one in sent:
+            for item in self._pipeline.wait(one, self.timeout).get_many.items:
+                if item.streamed:
+                    values[item.key] = self._get_streamed(item.key).data
+                elif (value := _base.stored_value(item, self.address)) is not None:
+                    values[item.key] = value.data
+        return values
+
     def stat(self, key: str) -> KeyInfo:
         """Size and location of a value, without reading it."""
         _base.check_key(key)
-        with rpc_errors(self.address, key):
-            response = self._stub.Stat(
-                pb.StatRequest(key=key), timeout=self.timeout, metadata=self.metadata
-            )
-        return KeyInfo.from_pb(response.info)
+        operation = pb.Operation(stat=pb.StatRequest(key=key))
+        result = self._pipeline.call(operation, self.timeout, key)
+        return KeyInfo.from_pb(result.stat.info)
 
     def list_keys(self, prefix: str = "") -> Iterator[KeyInfo]:
         """Every key (starting with ``prefix``), sorted, fetched a page at a time."""
@@ -112,10 +178,15 @@ class Client(ClientBase):
 
     def delete(self, keys: str | Iterable[str]) -> int:
         """Remove values; how many of them existed."""
-        request = pb.DeleteRequest(keys=_base.keys_list(keys))
-        with rpc_errors(self.address):
-            response = self._stub.Delete(request, timeout=self.timeout, metadata=self.metadata)
-        return int(response.deleted)
+        sent = [
+            self._pipeline.send(pb.Operation(delete=pb.DeleteRequest(keys=batch)))
+            for batch in _base.key_batches(_base.keys_list(keys))
+        ]
+        return sum(int(self._pipeline.wait(one, self.timeout).delete.deleted) for one in sent)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """``delete`` under the name of the other batch calls."""
+        return self.delete(keys)
 
     def status(self) -> Status:
         with rpc_errors(self.address):
@@ -184,6 +255,7 @@ class Client(ClientBase):
         return [EventRecord.from_pb(event) for event in response.events]
 
     def close(self) -> None:
+        self._pipeline.close()
         self._channel.close()
 
     def __enter__(self) -> Client:

@@ -61,10 +61,24 @@ _BY_CODE: dict[grpc.StatusCode, type[MemctlError]] = {
 }
 
 
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def translate(error: grpc.RpcError, address: str, key: str | None = None) -> Exception:
     """The exception to raise for a failed call; ``KeyError`` for NOT_FOUND."""
-    code: grpc.StatusCode = error.code()
-    details: str = error.details() or code.name
+    return from_status(error.code(), error.details(), address, key)
+
+
+def from_failure(number: int, message: str, address: str, key: str | None = None) -> Exception:
+    """The exception for one operation's failure inside a call (``memctl.v1.Failure``)."""
+    return from_status(_CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN), message, address, key)
+
+
+def from_status(
+    code: grpc.StatusCode, details: str | None, address: str, key: str | None = None
+) -> Exception:
+    """The exception for a status code and its message."""
+    details = details or code.name
     if code == grpc.StatusCode.NOT_FOUND:
         return KeyError(key if key is not None else details)
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -1,12 +1,14 @@
 """``MemctlMapping``: the store seen as a ``MutableMapping[str, bytes]``.
 
 The shape Dask's ``data=`` hook and zict expect: ``m[key] = value`` puts,
-``m[key]`` gets, ``del m[key]`` deletes, iteration lists keys page by page.
+``m[key]`` gets, ``del m[key]`` deletes, iteration lists keys page by page. The
+bulk methods (``update``, ``get_many``, ``delete_many``) travel as batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
 
 from .client import Client
 
@@ -26,6 +28,20 @@ class MemctlMapping(MutableMapping[str, bytes]):
     def __delitem__(self, key: str) -> None:
         if not self.client.delete(key):
             raise KeyError(key)
+
+    def update(self, other: Any = (), /, **kwargs: bytes) -> None:
+        """Store many values in as few messages as carry them (``Client.put_many``)."""
+        pairs = dict(other.items() if isinstance(other, Mapping) else other)
+        pairs.update(kwargs)
+        self.client.put_many(pairs)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of ``keys`` that exist, in one batch (``Client.get_many``)."""
+        return self.client.get_many(keys)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove ``keys`` in one batch; how many existed."""
+        return self.client.delete_many(keys)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):

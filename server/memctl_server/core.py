@@ -22,13 +22,24 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar
 import psutil
 
 from memctl import __version__
-from memctl.protocol import SERVICE_SCOPE, key_problem, metadata_problem
+from memctl.protocol import (
+    MAX_INLINE_TOTAL,
+    MAX_INLINE_VALUE,
+    SERVICE_SCOPE,
+    key_problem,
+    metadata_problem,
+)
 from memctl.results import TrimResult
 from memctl.sizes import format_bytes
 from memctl.trim import trim
 
 from .engine import Thresholds
-from .errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
+from .errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from .events import EventLog
 from .persist import Journal, count_lost, find_values
 from .plugin import ForeignStore, load_factory
@@ -36,6 +47,7 @@ from .readings import MemoryReadings
 from .scopes import (
     EvictResult,
     KeyInfo,
+    ManyRead,
     Route,
     Scope,
     ScopeKind,
@@ -80,6 +92,15 @@ class ServiceSettings:
     store_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PipelineCounts:
+    """Pipeline traffic since start (event loop writes, metrics read): operations per
+    message is how well clients' calls are being coalesced."""
+
+    messages: int = 0
+    operations: int = 0
+
+
 @dataclass(frozen=True)
 class ScopeSnapshot:
     """One scope's readings at one moment. Readers off the event loop use ``scope``
@@ -104,6 +125,7 @@ class MemoryService:
         self.process = psutil.Process()
         self.budget = SpillBudget(settings.max_spill)
         self.events = EventLog()
+        self.pipeline = PipelineCounts()
         self._store_factory = (
             load_factory(settings.store_factory) if settings.store_factory else None
         )
@@ -326,6 +348,75 @@ class MemoryService:
             )
         return location
 
+    async def put_many(
+        self, scope: Scope, items: Sequence[InlineValue], *, wait: float
+    ) -> list[Route]:
+        """Store several whole values at once; where each went. All or nothing: every
+        item is checked, and room found for them all, before any is stored. One hop
+        to the store thread for the lot, which is what makes batches cheap."""
+        if not items:
+            raise InvalidArgument("PutMany with no items; send at least one value")
+        for item in items:
+            self._check_inline(item)
+        deadline = time.monotonic() + wait
+        while True:
+            moved = await self._on_store_thread(_spills_during, scope, _put_batch, scope, items)
+            if moved.result is not None:
+                break
+            # No room for the batch now: wait as a Put does, then try again.
+            await self._wait_for_room(deadline, wait, scope, sum(len(i.data) for i in items))
+        if moved.values:
+            self._record_spill(
+                scope, f"PutMany of {len(items)} values took the scope over its target", moved
+            )
+        return moved.result
+
+    def _check_inline(self, item: InlineValue) -> None:
+        """Fill in ``item``'s CRC32C; InvalidArgument or DataLoss if it is bad."""
+        _check_key(item.key)
+        problem = metadata_problem(item.metadata)
+        if problem:
+            raise InvalidArgument(f"{item.key!r}: {problem}")
+        size = len(item.data)
+        most = self.settings.max_value_size
+        if size > MAX_INLINE_VALUE or (most is not False and size > most):
+            raise InvalidArgument(
+                f"{item.key!r}: the value is {format_bytes(size)}; values travel whole in "
+                f"one message up to {format_bytes(MAX_INLINE_VALUE)}"
+                + (
+                    f" and this daemon's limits.max-value-size ({format_bytes(most)})"
+                    if most is not False
+                    else ""
+                )
+                + "; send it with Put, which streams it. Nothing was stored"
+            )
+        crc = checksum(item.data)
+        if item.crc is not None and crc != item.crc:
+            raise DataLoss(
+                f"{item.key!r}: the value's CRC32C is {crc:#010x}, the client's "
+                f"{item.crc:#010x}: it was damaged on the way. Nothing was stored; put it again"
+            )
+        item.crc = crc
+
+    async def get_many(self, scope: Scope, keys: Sequence[str]) -> list[ManyRead]:
+        """Several values at once, inline up to ``MAX_INLINE_TOTAL`` in all; the rest
+        marked for Get. A damaged value fails its own item only."""
+        if not keys:
+            raise InvalidArgument("GetMany with no keys; name at least one")
+        for key in keys:
+            _check_key(key)
+        moved = await self._on_store_thread(
+            _spills_during, scope, scope.read_many, keys, MAX_INLINE_TOTAL, MAX_INLINE_VALUE
+        )
+        for read in moved.result:
+            if read.failure is not None:
+                self._record_loss(scope, read.failure)
+        if moved.values:
+            self._record_spill(
+                scope, f"GetMany of {len(keys)} values brought some back to RAM", moved
+            )
+        return moved.result
+
     async def _reserve(self, scope: Scope, size: int, header_size: int, wait: float) -> Route:
         """Reserve room for a Put, waiting up to ``wait`` seconds for some (backpressure)."""
         deadline = time.monotonic() + wait
@@ -333,18 +424,22 @@ class MemoryService:
             route = await self._on_store_thread(scope.route, size, header_size)
             if route is not None:
                 return route
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ResourceExhausted(
-                    await self._on_store_thread(scope.no_room, size)
-                    + f" (waited {wait:.1f} s; memory.put-wait)"
-                )
-            # Room comes back when values are deleted, spilled or finish arriving; the
-            # monitor's tick is the slowest of those, so poll at least that often.
-            with suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._room.wait(), min(remaining, self.settings.monitor_interval)
-                )
+            await self._wait_for_room(deadline, wait, scope, size)
+
+    async def _wait_for_room(self, deadline: float, wait: float, scope: Scope, size: int) -> None:
+        """Wait until room may have come back; ResourceExhausted once ``deadline`` passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ResourceExhausted(
+                await self._on_store_thread(scope.no_room, size)
+                + f" (waited {wait:.1f} s; memory.put-wait)"
+            )
+        # Room comes back when values are deleted, spilled or finish arriving; the
+        # monitor's tick is the slowest of those, so poll at least that often.
+        with suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._room.wait(), min(remaining, self.settings.monitor_interval)
+            )
 
     def room_changed(self) -> None:
         """Wake Puts waiting for room (event loop only)."""
@@ -560,6 +655,30 @@ class PutRequest:
     metadata: bytes
     #: The value's CRC32C as the client computed it, if it sent one.
     crc: int | None = None
+
+
+@dataclass(slots=True)
+class InlineValue:
+    """One value of a PutMany, whole."""
+
+    key: str
+    data: bytes
+    metadata: bytes
+    #: The client's CRC32C if it sent one; once checked (``_check_inline``), the value's.
+    crc: int | None = None
+
+
+def _put_batch(scope: Scope, items: Sequence[InlineValue]) -> list[Route] | None:
+    """Store every item if there is room for them all (store thread); None if not."""
+    size = sum(len(item.data) for item in items)
+    header_size = sum(header_length(scope.name, item.key, item.metadata) for item in items)
+    route = scope.route(size, header_size)
+    if route is None:
+        return None
+    try:
+        return scope.put_many([(i.key, i.data, i.crc or 0, i.metadata) for i in items])
+    finally:
+        scope.release(route, size, header_size)
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,26 @@ def _register(provider: MeterProvider, core: MemoryService, events: EventLog) ->
             name, callbacks=[event_counter(kind)], unit="{event}", description=description
         )
 
+    def pipeline_counter(field: str) -> Callable[..., Any]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(getattr(core.pipeline, field))]
+
+        return callback
+
+    meter.create_observable_counter(
+        "memctl.pipeline.messages",
+        callbacks=[pipeline_counter("messages")],
+        unit="{message}",
+        description="Pipeline messages received",
+    )
+    meter.create_observable_counter(
+        "memctl.pipeline.operations",
+        callbacks=[pipeline_counter("operations")],
+        unit="{operation}",
+        description="Operations received in Pipeline messages (per message: how well "
+        "clients' calls coalesce)",
+    )
+
     def trimmed(options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {SCOPE: scope}) for scope, n in events.trimmed_bytes.items()]
 

@@ -160,6 +160,18 @@ class ValueRead:
 
 
 @dataclass(frozen=True)
+class ManyRead:
+    """One item of a GetMany: found with its bytes, found but too large to travel
+    inline (``data`` None), missing (``location`` None), or failed."""
+
+    key: str
+    location: Route | None = None
+    entry: Entry | None = None
+    data: Value | None = None
+    failure: DataLoss | None = None
+
+
+@dataclass(frozen=True)
 class KeyInfo:
     key: str
     size: int
@@ -368,6 +380,43 @@ class Scope:
         location = self.data.location(key)
         assert location is not None
         return location
+
+    @publishes
+    def put_many(self, values: Sequence[tuple[str, Value, int, bytes]]) -> list[Route]:
+        """Store whole values (key, data, crc, metadata): ``put`` for a batch, published
+        once; where each one is once all are stored."""
+        for key, data, crc, metadata in values:
+            self.data[key] = Record(data, crc, metadata)
+            self._stored(key, Entry(memoryview(data).nbytes, metadata, crc))
+        return [self.data.location(key) or "disk" for key, *_ in values]
+
+    @publishes
+    def read_many(self, keys: Sequence[str], budget: int, most: int) -> list[ManyRead]:
+        """Values for GetMany, in order: whole while each is at most ``most`` bytes and
+        all together ``budget``; larger ones only described (the client streams them).
+        A damaged value fails its own item."""
+        reads: list[ManyRead] = []
+        for key in keys:
+            location = self.data.location(key)
+            if location is None:
+                reads.append(ManyRead(key))
+                continue
+            entry = self.entries[key]
+            streamed = location == "disk" and self.data.can_stream and entry.size > self.data.target
+            if entry.size > min(most, budget) or streamed:
+                reads.append(ManyRead(key, location, entry))
+                continue
+            try:
+                record = self.data[key]
+                if not self.data.verifies_reads and checksum(record.data) != entry.crc:
+                    raise SpillFileDamaged(f"the value of {key!r} no longer matches its checksum")
+            except SpillFileDamaged as exc:
+                loss = self.lose(key, str(exc), self.data.spill_file(key))
+                reads.append(ManyRead(key, failure=loss))
+                continue
+            budget -= entry.size
+            reads.append(ManyRead(key, location, entry, record.data))
+        return reads
 
     def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
         """Start streaming a value into its spill file (the Put's disk route)."""

@@ -18,24 +18,27 @@ from typing import Any
 import grpc
 
 from memctl.auth import SCOPE_METADATA_KEY
-from memctl.protocol import CHUNK_SIZE, SESSION_METADATA_KEY
+from memctl.protocol import CHUNK_SIZE, MAX_INLINE_TOTAL, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, Principal
 from .control import Command, ControlPlane, Session, check_rss
-from .core import MemoryService, PutRequest, ScopeSnapshot
+from .core import InlineValue, MemoryService, PutRequest, ScopeSnapshot
 from .edge import client_of, metadata_value
 from .engine import Thresholds
 from .errors import DeadlineExceeded, InvalidArgument, MemctlError, PermissionDenied
 from .events import Event
 from .readings import MemoryReadings
-from .scopes import KeyInfo, Scope
+from .scopes import KeyInfo, ManyRead, Scope
 
 logger = logging.getLogger(__name__)
 
 #: Seconds of a Put's deadline kept back from waiting for room, to answer in time.
 DEADLINE_MARGIN = 0.5
+#: Pipeline messages of one stream being worked on at once; past it the stream is
+#: not read until one finishes (backpressure, as for calls: limits.max-calls).
+PIPELINE_MESSAGES_IN_FLIGHT = 64
 
 
 def enum_value(enum: Any, prefix: str, name: str) -> Any:
@@ -128,6 +131,40 @@ def event_pb(event: Event) -> pb.Event:
     )
 
 
+def get_item_pb(read: ManyRead) -> pb.GetItem:
+    if read.failure is not None:
+        return pb.GetItem(key=read.key, failure=failure_pb(read.failure))
+    if read.location is None or read.entry is None:
+        return pb.GetItem(key=read.key)
+    location = enum_value(pb.Location, "LOCATION_", read.location)
+    if read.data is None:
+        return pb.GetItem(
+            key=read.key, found=True, size=read.entry.size, location=location, streamed=True
+        )
+    return pb.GetItem(
+        key=read.key,
+        found=True,
+        size=read.entry.size,
+        location=location,
+        metadata=read.entry.metadata,
+        crc32c=read.entry.crc,
+        data=read.data if isinstance(read.data, bytes) else bytes(read.data),
+    )
+
+
+def failure_pb(error: MemctlError) -> pb.Failure:
+    return pb.Failure(code=grpc.StatusCode[error.code].value[0], message=str(error))
+
+
+def inline_values(request: pb.PutManyRequest) -> list[InlineValue]:
+    return [
+        InlineValue(
+            item.key, item.data, item.metadata, item.crc32c if item.HasField("crc32c") else None
+        )
+        for item in request.items
+    ]
+
+
 async def _chunks_of(key: str, messages: AsyncIterator[pb.PutRequest]) -> AsyncIterator[bytes]:
     """The data chunks of a Put stream after its header."""
     async for message in messages:
@@ -199,12 +236,11 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                 header.metadata,
                 header.crc32c if header.HasField("crc32c") else None,
             )
-            remaining = context.time_remaining()
-            wait = self.core.settings.put_wait
-            if remaining is not None:
-                wait = max(min(wait, remaining - DEADLINE_MARGIN), 0.0)
             location = await self.core.put(
-                self._scope(context), request, _chunks_of(header.key, messages), wait=wait
+                self._scope(context),
+                request,
+                _chunks_of(header.key, messages),
+                wait=self._put_wait(context),
             )
             return pb.PutResponse(
                 key=header.key,
@@ -293,6 +329,147 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             deleted = await self.core.delete(self._scope(context), list(request.keys))
             return pb.DeleteResponse(deleted=deleted)
         raise AssertionError("unreachable: abort raises")
+
+    async def PutMany(
+        self, request: pb.PutManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PutManyResponse:
+        async with _status_errors(context):
+            return await self._put_many(self._scope(context), request, self._put_wait(context))
+        raise AssertionError("unreachable: abort raises")
+
+    async def GetMany(
+        self, request: pb.GetManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetManyResponse:
+        async with _status_errors(context):
+            return await self._get_many(self._scope(context), request)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _put_many(
+        self, scope: Scope, request: pb.PutManyRequest, wait: float
+    ) -> pb.PutManyResponse:
+        items = inline_values(request)
+        locations = await self.core.put_many(scope, items, wait=wait)
+        return pb.PutManyResponse(
+            results=[
+                pb.PutResponse(
+                    key=item.key,
+                    size=len(item.data),
+                    location=enum_value(pb.Location, "LOCATION_", location),
+                )
+                for item, location in zip(items, locations, strict=True)
+            ]
+        )
+
+    async def _get_many(self, scope: Scope, request: pb.GetManyRequest) -> pb.GetManyResponse:
+        reads = await self.core.get_many(scope, list(request.keys))
+        return pb.GetManyResponse(items=[get_item_pb(read) for read in reads])
+
+    def _put_wait(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        """How long a Put may wait for room: memory.put-wait, within the call's deadline."""
+        wait = self.core.settings.put_wait
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(min(wait, remaining - DEADLINE_MARGIN), 0.0)
+        return wait
+
+    # Reads with the request iterator and writes with context.write (one writer task),
+    # so that answers go out as operations finish, several to a message.
+    async def Pipeline(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[pb.PipelineRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        answers: asyncio.Queue[pb.OperationResult | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(PIPELINE_MESSAGES_IN_FLIGHT)
+        working: set[asyncio.Task[None]] = set()
+        writer = asyncio.create_task(self._write_answers(answers, context))
+
+        async def work(message: pb.PipelineRequest) -> None:
+            try:
+                try:
+                    scope = self._scope(context)
+                except MemctlError as exc:  # e.g. the session expired: every operation fails
+                    for operation in message.operations:
+                        answers.put_nowait(
+                            pb.OperationResult(id=operation.id, failure=failure_pb(exc))
+                        )
+                    return
+                for operation in message.operations:
+                    answers.put_nowait(await self._operate(operation, scope))
+            finally:
+                slots.release()
+
+        try:
+            async with _status_errors(context):
+                async for message in request_iterator:
+                    self.core.pipeline.messages += 1
+                    self.core.pipeline.operations += len(message.operations)
+                    await slots.acquire()
+                    task = asyncio.create_task(work(message))
+                    working.add(task)
+                    task.add_done_callback(working.discard)
+                if working:
+                    await asyncio.gather(*working)
+                answers.put_nowait(None)
+                await writer
+        finally:
+            for task in (*working, writer):
+                task.cancel()
+
+    async def _write_answers(
+        self,
+        answers: asyncio.Queue[pb.OperationResult | None],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Send answers as they come, each message taking all that are ready (up to
+        about MAX_INLINE_TOTAL bytes, so that it stays within any client's limit)."""
+        while True:
+            answer = await answers.get()
+            if answer is None:
+                return
+            batch, size = [answer], 0
+            while not answers.empty() and (size := size + batch[-1].ByteSize()) < MAX_INLINE_TOTAL:
+                following = answers.get_nowait()
+                if following is None:
+                    await context.write(pb.PipelineResponse(results=batch))
+                    return
+                batch.append(following)
+            await context.write(pb.PipelineResponse(results=batch))
+
+    async def _operate(self, operation: pb.Operation, scope: Scope) -> pb.OperationResult:
+        """One operation of a Pipeline; its failure is its own, never the stream's."""
+        answer = pb.OperationResult(id=operation.id)
+        try:
+            kind = operation.WhichOneof("kind")
+            if kind == "put_many":
+                answer.put_many.CopyFrom(
+                    await self._put_many(scope, operation.put_many, self.core.settings.put_wait)
+                )
+            elif kind == "get_many":
+                answer.get_many.CopyFrom(await self._get_many(scope, operation.get_many))
+            elif kind == "delete":
+                deleted = await self.core.delete(scope, list(operation.delete.keys))
+                answer.delete.deleted = deleted
+            elif kind == "stat":
+                info = await self.core.stat(scope, operation.stat.key)
+                answer.stat.info.CopyFrom(key_info_pb(info))
+            else:
+                raise InvalidArgument(
+                    f"operation {operation.id} names no call; set one of put_many, "
+                    "get_many, delete, stat"
+                )
+        except MemctlError as exc:
+            answer.failure.CopyFrom(failure_pb(exc))
+        except Exception as exc:
+            logger.exception("Unexpected error in %s", type(exc).__name__)
+            answer.failure.CopyFrom(
+                pb.Failure(
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message=f"memctl hit an unexpected {type(exc).__name__}; the service "
+                    "log has details",
+                )
+            )
+        return answer
 
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]

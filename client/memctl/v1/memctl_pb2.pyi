@@ -1246,3 +1246,338 @@ class EventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventsResponse: _TypeAlias = EventsResponse  # noqa: Y015
+
+@_typing.final
+class Failure(_message.Message):
+    """Failure is one operation's or one item's error inside a successful call:
+    a gRPC status code (google.rpc.Code numbering) and a message for a person.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Failure: _TypeAlias = Failure  # noqa: Y015
+
+@_typing.final
+class PutItem(_message.Message):
+    """PutItem is one value of a PutMany: the header fields of Put and the data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """As PutHeader.key."""
+    data: _builtins.bytes
+    """The whole value, at most 1 MiB."""
+    metadata: _builtins.bytes
+    """As PutHeader.metadata."""
+    crc32c: _builtins.int
+    """As PutHeader.crc32c: checked before anything is stored."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        metadata: _builtins.bytes = ...,
+        crc32c: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "data", b"data", "key", b"key", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
+
+Global___PutItem: _TypeAlias = PutItem  # noqa: Y015
+
+@_typing.final
+class PutManyRequest(_message.Message):
+    """PutManyRequest carries the values to store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___PutItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutManyRequest: _TypeAlias = PutManyRequest  # noqa: Y015
+
+@_typing.final
+class PutManyResponse(_message.Message):
+    """PutManyResponse confirms every value, in the order of the request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutResponse]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PutResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutManyResponse: _TypeAlias = PutManyResponse  # noqa: Y015
+
+@_typing.final
+class GetManyRequest(_message.Message):
+    """GetManyRequest names the values to read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManyRequest: _TypeAlias = GetManyRequest  # noqa: Y015
+
+@_typing.final
+class GetItem(_message.Message):
+    """GetItem is one value of a GetMany, in the order of the request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    STREAMED_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    found: _builtins.bool
+    """Whether the key holds a value; the fields below are set only if so."""
+    size: _builtins.int
+    metadata: _builtins.bytes
+    location: Global___Location.ValueType
+    crc32c: _builtins.int
+    """As GetHeader.crc32c: a client checks `data` against it."""
+    data: _builtins.bytes
+    """The value, unless `streamed`."""
+    streamed: _builtins.bool
+    """The value is too large to travel inline (over 1 MiB, or past the 4 MiB a
+    response carries): read it with Get.
+    """
+    @_builtins.property
+    def failure(self) -> Global___Failure:
+        """Set when reading this value failed (for example DATA_LOSS); `found` is
+        then false.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        found: _builtins.bool = ...,
+        size: _builtins.int = ...,
+        metadata: _builtins.bytes = ...,
+        location: Global___Location.ValueType = ...,
+        crc32c: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        streamed: _builtins.bool = ...,
+        failure: Global___Failure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "failure", b"failure", "found", b"found", "key", b"key", "location", b"location", "metadata", b"metadata", "size", b"size", "streamed", b"streamed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetItem: _TypeAlias = GetItem  # noqa: Y015
+
+@_typing.final
+class GetManyResponse(_message.Message):
+    """GetManyResponse answers a GetMany."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___GetItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManyResponse: _TypeAlias = GetManyResponse  # noqa: Y015
+
+@_typing.final
+class Operation(_message.Message):
+    """Operation is one call inside a Pipeline message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PUT_MANY_FIELD_NUMBER: _builtins.int
+    GET_MANY_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    STAT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the client, repeated in the answer; unique among the
+    operations in flight on one stream.
+    """
+    @_builtins.property
+    def put_many(self) -> Global___PutManyRequest: ...
+    @_builtins.property
+    def get_many(self) -> Global___GetManyRequest: ...
+    @_builtins.property
+    def delete(self) -> Global___DeleteRequest: ...
+    @_builtins.property
+    def stat(self) -> Global___StatRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        put_many: Global___PutManyRequest | None = ...,
+        get_many: Global___GetManyRequest | None = ...,
+        delete: Global___DeleteRequest | None = ...,
+        stat: Global___StatRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "get_many", b"get_many", "kind", b"kind", "put_many", b"put_many", "stat", b"stat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "get_many", b"get_many", "id", b"id", "kind", b"kind", "put_many", b"put_many", "stat", b"stat"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["put_many", "get_many", "delete", "stat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class PipelineRequest(_message.Message):
+    """PipelineRequest is one message of a Pipeline stream: one or more operations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]: ...
+    def __init__(
+        self,
+        *,
+        operations: _abc.Iterable[Global___Operation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operations", b"operations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineRequest: _TypeAlias = PipelineRequest  # noqa: Y015
+
+@_typing.final
+class OperationResult(_message.Message):
+    """OperationResult answers one Operation: its response, or its failure."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    PUT_MANY_FIELD_NUMBER: _builtins.int
+    GET_MANY_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    STAT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def failure(self) -> Global___Failure: ...
+    @_builtins.property
+    def put_many(self) -> Global___PutManyResponse: ...
+    @_builtins.property
+    def get_many(self) -> Global___GetManyResponse: ...
+    @_builtins.property
+    def delete(self) -> Global___DeleteResponse: ...
+    @_builtins.property
+    def stat(self) -> Global___StatResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        failure: Global___Failure | None = ...,
+        put_many: Global___PutManyResponse | None = ...,
+        get_many: Global___GetManyResponse | None = ...,
+        delete: Global___DeleteResponse | None = ...,
+        stat: Global___StatResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "failure", b"failure", "get_many", b"get_many", "kind", b"kind", "put_many", b"put_many", "stat", b"stat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "failure", b"failure", "get_many", b"get_many", "id", b"id", "kind", b"kind", "put_many", b"put_many", "stat", b"stat"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["failure", "put_many", "get_many", "delete", "stat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___OperationResult: _TypeAlias = OperationResult  # noqa: Y015
+
+@_typing.final
+class PipelineResponse(_message.Message):
+    """PipelineResponse is one message of answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___OperationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineResponse: _TypeAlias = PipelineResponse  # noqa: Y015

@@ -94,6 +94,21 @@ class MemctlServiceStub:
                 request_serializer=memctl_dot_v1_dot_memctl__pb2.AttachRequest.SerializeToString,
                 response_deserializer=memctl_dot_v1_dot_memctl__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.PutMany = channel.unary_unary(
+                '/memctl.v1.MemctlService/PutMany',
+                request_serializer=memctl_dot_v1_dot_memctl__pb2.PutManyRequest.SerializeToString,
+                response_deserializer=memctl_dot_v1_dot_memctl__pb2.PutManyResponse.FromString,
+                _registered_method=True)
+        self.GetMany = channel.unary_unary(
+                '/memctl.v1.MemctlService/GetMany',
+                request_serializer=memctl_dot_v1_dot_memctl__pb2.GetManyRequest.SerializeToString,
+                response_deserializer=memctl_dot_v1_dot_memctl__pb2.GetManyResponse.FromString,
+                _registered_method=True)
+        self.Pipeline = channel.stream_stream(
+                '/memctl.v1.MemctlService/Pipeline',
+                request_serializer=memctl_dot_v1_dot_memctl__pb2.PipelineRequest.SerializeToString,
+                response_deserializer=memctl_dot_v1_dot_memctl__pb2.PipelineResponse.FromString,
+                _registered_method=True)
 
 
 class MemctlServiceServicer:
@@ -191,6 +206,39 @@ class MemctlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutMany(self, request, context):
+        """PutMany stores several small values in one call, each value whole in the
+        message (at most 1 MiB each; larger values go through Put). All or
+        nothing: a bad key, metadata or checksum in any item fails the call with
+        nothing stored, as does finding no room for them all (after waiting as
+        Put does). Each value becomes visible whole, as with Put.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMany(self, request, context):
+        """GetMany reads several values in one call. A missing key is reported in
+        its item (found false), not as NOT_FOUND; a damaged value fails only its
+        own item (DATA_LOSS). Values travel inline up to 1 MiB each and 4 MiB in
+        all; a value beyond that comes back marked `streamed`: read it with Get.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pipeline(self, request_iterator, context):
+        """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
+        Delete, Stat), several per message, each with an id the answer repeats.
+        Operations of one message run in order; answers may come back in any
+        order and may be grouped differently from the requests. Clients use it to
+        coalesce concurrent calls: one message each way carries many of them.
+        The stream's metadata (token, session, scope) applies to every operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemctlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +291,21 @@ def add_MemctlServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=memctl_dot_v1_dot_memctl__pb2.AttachRequest.FromString,
                     response_serializer=memctl_dot_v1_dot_memctl__pb2.AttachResponse.SerializeToString,
+            ),
+            'PutMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMany,
+                    request_deserializer=memctl_dot_v1_dot_memctl__pb2.PutManyRequest.FromString,
+                    response_serializer=memctl_dot_v1_dot_memctl__pb2.PutManyResponse.SerializeToString,
+            ),
+            'GetMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMany,
+                    request_deserializer=memctl_dot_v1_dot_memctl__pb2.GetManyRequest.FromString,
+                    response_serializer=memctl_dot_v1_dot_memctl__pb2.GetManyResponse.SerializeToString,
+            ),
+            'Pipeline': grpc.stream_stream_rpc_method_handler(
+                    servicer.Pipeline,
+                    request_deserializer=memctl_dot_v1_dot_memctl__pb2.PipelineRequest.FromString,
+                    response_serializer=memctl_dot_v1_dot_memctl__pb2.PipelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +588,87 @@ class MemctlService:
             '/memctl.v1.MemctlService/Attach',
             memctl_dot_v1_dot_memctl__pb2.AttachRequest.SerializeToString,
             memctl_dot_v1_dot_memctl__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memctl.v1.MemctlService/PutMany',
+            memctl_dot_v1_dot_memctl__pb2.PutManyRequest.SerializeToString,
+            memctl_dot_v1_dot_memctl__pb2.PutManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memctl.v1.MemctlService/GetMany',
+            memctl_dot_v1_dot_memctl__pb2.GetManyRequest.SerializeToString,
+            memctl_dot_v1_dot_memctl__pb2.GetManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pipeline(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/memctl.v1.MemctlService/Pipeline',
+            memctl_dot_v1_dot_memctl__pb2.PipelineRequest.SerializeToString,
+            memctl_dot_v1_dot_memctl__pb2.PipelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

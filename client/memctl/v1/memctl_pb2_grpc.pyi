@@ -86,6 +86,27 @@ class MemctlServiceStub:
     """Attach is the worker control stream: the worker says hello and sends
     heartbeats; the service answers with a session and sends commands.
     """
+    PutMany: _grpc.UnaryUnaryMultiCallable[_memctl_pb2.PutManyRequest, _memctl_pb2.PutManyResponse]
+    """PutMany stores several small values in one call, each value whole in the
+    message (at most 1 MiB each; larger values go through Put). All or
+    nothing: a bad key, metadata or checksum in any item fails the call with
+    nothing stored, as does finding no room for them all (after waiting as
+    Put does). Each value becomes visible whole, as with Put.
+    """
+    GetMany: _grpc.UnaryUnaryMultiCallable[_memctl_pb2.GetManyRequest, _memctl_pb2.GetManyResponse]
+    """GetMany reads several values in one call. A missing key is reported in
+    its item (found false), not as NOT_FOUND; a damaged value fails only its
+    own item (DATA_LOSS). Values travel inline up to 1 MiB each and 4 MiB in
+    all; a value beyond that comes back marked `streamed`: read it with Get.
+    """
+    Pipeline: _grpc.StreamStreamMultiCallable[_memctl_pb2.PipelineRequest, _memctl_pb2.PipelineResponse]
+    """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
+    Delete, Stat), several per message, each with an id the answer repeats.
+    Operations of one message run in order; answers may come back in any
+    order and may be grouped differently from the requests. Clients use it to
+    coalesce concurrent calls: one message each way carries many of them.
+    The stream's metadata (token, session, scope) applies to every operation.
+    """
 
 @_typing.type_check_only
 class MemctlServiceAsyncStub(MemctlServiceStub):
@@ -137,6 +158,27 @@ class MemctlServiceAsyncStub(MemctlServiceStub):
     Attach: _aio.StreamStreamMultiCallable[_memctl_pb2.AttachRequest, _memctl_pb2.AttachResponse]  # type: ignore[assignment]
     """Attach is the worker control stream: the worker says hello and sends
     heartbeats; the service answers with a session and sends commands.
+    """
+    PutMany: _aio.UnaryUnaryMultiCallable[_memctl_pb2.PutManyRequest, _memctl_pb2.PutManyResponse]  # type: ignore[assignment]
+    """PutMany stores several small values in one call, each value whole in the
+    message (at most 1 MiB each; larger values go through Put). All or
+    nothing: a bad key, metadata or checksum in any item fails the call with
+    nothing stored, as does finding no room for them all (after waiting as
+    Put does). Each value becomes visible whole, as with Put.
+    """
+    GetMany: _aio.UnaryUnaryMultiCallable[_memctl_pb2.GetManyRequest, _memctl_pb2.GetManyResponse]  # type: ignore[assignment]
+    """GetMany reads several values in one call. A missing key is reported in
+    its item (found false), not as NOT_FOUND; a damaged value fails only its
+    own item (DATA_LOSS). Values travel inline up to 1 MiB each and 4 MiB in
+    all; a value beyond that comes back marked `streamed`: read it with Get.
+    """
+    Pipeline: _aio.StreamStreamMultiCallable[_memctl_pb2.PipelineRequest, _memctl_pb2.PipelineResponse]  # type: ignore[assignment]
+    """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
+    Delete, Stat), several per message, each with an id the answer repeats.
+    Operations of one message run in order; answers may come back in any
+    order and may be grouped differently from the requests. Clients use it to
+    coalesce concurrent calls: one message each way carries many of them.
+    The stream's metadata (token, session, scope) applies to every operation.
     """
 
 class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -246,6 +288,45 @@ class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_memctl_pb2.AttachResponse], _abc.AsyncIterator[_memctl_pb2.AttachResponse]]:
         """Attach is the worker control stream: the worker says hello and sends
         heartbeats; the service answers with a session and sends commands.
+        """
+
+    @_abc_1.abstractmethod
+    def PutMany(
+        self,
+        request: _memctl_pb2.PutManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memctl_pb2.PutManyResponse, _abc.Awaitable[_memctl_pb2.PutManyResponse]]:
+        """PutMany stores several small values in one call, each value whole in the
+        message (at most 1 MiB each; larger values go through Put). All or
+        nothing: a bad key, metadata or checksum in any item fails the call with
+        nothing stored, as does finding no room for them all (after waiting as
+        Put does). Each value becomes visible whole, as with Put.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMany(
+        self,
+        request: _memctl_pb2.GetManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memctl_pb2.GetManyResponse, _abc.Awaitable[_memctl_pb2.GetManyResponse]]:
+        """GetMany reads several values in one call. A missing key is reported in
+        its item (found false), not as NOT_FOUND; a damaged value fails only its
+        own item (DATA_LOSS). Values travel inline up to 1 MiB each and 4 MiB in
+        all; a value beyond that comes back marked `streamed`: read it with Get.
+        """
+
+    @_abc_1.abstractmethod
+    def Pipeline(
+        self,
+        request_iterator: _MaybeAsyncIterator[_memctl_pb2.PipelineRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memctl_pb2.PipelineResponse], _abc.AsyncIterator[_memctl_pb2.PipelineResponse]]:
+        """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
+        Delete, Stat), several per message, each with an id the answer repeats.
+        Operations of one message run in order; answers may come back in any
+        order and may be grouped differently from the requests. Clients use it to
+        coalesce concurrent calls: one message each way carries many of them.
+        The stream's metadata (token, session, scope) applies to every operation.
         """
 
 def add_MemctlServiceServicer_to_server(servicer: MemctlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
