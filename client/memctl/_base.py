@@ -18,8 +18,8 @@ from .auth import AUTHORIZATION_METADATA_KEY, CLIENT_METADATA_KEY, SCOPE_METADAT
 from .errors import DataLoss, InvalidArgument, MemctlError, from_failure, translate
 from .protocol import (
     CHUNK_SIZE,
-    MAX_INLINE_TOTAL,
     MAX_INLINE_VALUE,
+    MESSAGE_BUDGET,
     SESSION_METADATA_KEY,
     key_problem,
     metadata_problem,
@@ -108,13 +108,13 @@ def get_operation(keys: list[str]) -> pb.Operation:
 def batches_of(
     items: list[tuple[int, pb.PutItem]],
 ) -> Iterator[list[tuple[int, pb.PutItem]]]:
-    """Numbered ``items`` in groups of at most about MAX_INLINE_TOTAL bytes (one
+    """Numbered ``items`` in groups of at most about MESSAGE_BUDGET bytes (one
     message each)."""
     batch: list[tuple[int, pb.PutItem]] = []
     size = 0
     for numbered in items:
         item_size = len(numbered[1].data) + len(numbered[1].key)
-        if batch and size + item_size > MAX_INLINE_TOTAL:
+        if batch and size + item_size > MESSAGE_BUDGET:
             yield batch
             batch, size = [], 0
         batch.append(numbered)
@@ -124,10 +124,18 @@ def batches_of(
 
 
 def key_batches(keys: list[str], per_batch: int = 1000) -> Iterator[list[str]]:
-    """``keys`` in groups that fit one message (keys are up to 4 KiB); one group,
-    empty, for no keys, so that the service says what is wrong with that."""
-    for start in range(0, max(len(keys), 1), per_batch):
-        yield keys[start : start + per_batch]
+    """``keys`` in groups that fit one message (at most ``per_batch`` keys, about
+    MESSAGE_BUDGET / 3 of key bytes); one empty group for no keys, so that the
+    service says what is wrong with that."""
+    batch: list[str] = []
+    size = 0
+    for key in keys:
+        if batch and (len(batch) == per_batch or size + len(key) > MESSAGE_BUDGET // 3):
+            yield batch
+            batch, size = [], 0
+        batch.append(key)
+        size += len(key)
+    yield batch
 
 
 def put_pairs(

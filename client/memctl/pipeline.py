@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 
 from .errors import MemctlError, from_failure, from_status, translate
-from .protocol import MAX_INLINE_TOTAL
+from .protocol import MESSAGE_BUDGET
 from .v1 import memctl_pb2 as pb
 
 Metadata = tuple[tuple[str, str], ...]
@@ -73,13 +73,16 @@ class _Stream:
         threading.Thread(target=self._read, name="memctl-pipeline", daemon=True).start()
 
     def _messages(self) -> Iterator[pb.PipelineRequest]:
-        """What gRPC's sending thread sends: all the operations waiting, one message."""
+        """What gRPC's sending thread sends: the operations waiting, as many to a
+        message as fit MESSAGE_BUDGET (one that would not fit goes in the next)."""
+        held: pb.Operation | None = None
         while True:
-            first = self._outbox.get()
-            if first is None:
+            operation = held if held is not None else self._outbox.get()
+            held = None
+            if operation is None:
                 return
-            operations, size = [first], first.ByteSize()
-            while size < MAX_INLINE_TOTAL and len(operations) < MAX_OPERATIONS_PER_MESSAGE:
+            operations, size = [operation], operation.ByteSize()
+            while len(operations) < MAX_OPERATIONS_PER_MESSAGE:
                 try:
                     following = self._outbox.get_nowait()
                 except queue.Empty:
@@ -87,8 +90,11 @@ class _Stream:
                 if following is None:
                     yield pb.PipelineRequest(operations=operations)
                     return
-                operations.append(following)
                 size += following.ByteSize()
+                if size > MESSAGE_BUDGET:
+                    held = following
+                    break
+                operations.append(following)
             yield pb.PipelineRequest(operations=operations)
 
     def _read(self) -> None:
@@ -211,22 +217,23 @@ class _AsyncStream:
         self._reader = asyncio.create_task(self._read())
 
     async def _messages(self) -> AsyncIterator[pb.PipelineRequest]:
+        held: pb.Operation | None = None
         while True:
-            first = await self._outbox.get()
-            if first is None:
+            operation = held if held is not None else await self._outbox.get()
+            held = None
+            if operation is None:
                 return
-            operations, size = [first], first.ByteSize()
-            while (
-                size < MAX_INLINE_TOTAL
-                and len(operations) < MAX_OPERATIONS_PER_MESSAGE
-                and not self._outbox.empty()
-            ):
+            operations, size = [operation], operation.ByteSize()
+            while len(operations) < MAX_OPERATIONS_PER_MESSAGE and not self._outbox.empty():
                 following = self._outbox.get_nowait()
                 if following is None:
                     yield pb.PipelineRequest(operations=operations)
                     return
-                operations.append(following)
                 size += following.ByteSize()
+                if size > MESSAGE_BUDGET:
+                    held = following
+                    break
+                operations.append(following)
             yield pb.PipelineRequest(operations=operations)
 
     async def _read(self) -> None:

@@ -11,8 +11,10 @@ CHUNK_SIZE = 1 << 20
 #: The largest value that travels whole in one message (PutMany, GetMany, Pipeline);
 #: larger ones are streamed in chunks (Put, Get).
 MAX_INLINE_VALUE = 1 << 20
-#: The most value bytes one GetMany answer (or one Pipeline message) carries inline.
-MAX_INLINE_TOTAL = 4 << 20
+#: The most value bytes one message carries either way (a GetMany answer, a Pipeline
+#: message, a client's PutMany): under gRPC's default 4 MiB receive limit, which is
+#: also the daemon's default limits.max-message-size.
+MESSAGE_BUDGET = 3 << 20
 MAX_KEY_BYTES = 4096
 MAX_METADATA_BYTES = 64 * 1024
 #: Call metadata naming the attached worker's session; data then goes to its scope.

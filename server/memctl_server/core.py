@@ -23,8 +23,8 @@ import psutil
 
 from memctl import __version__
 from memctl.protocol import (
-    MAX_INLINE_TOTAL,
     MAX_INLINE_VALUE,
+    MESSAGE_BUDGET,
     SERVICE_SCOPE,
     key_problem,
     metadata_problem,
@@ -356,8 +356,13 @@ class MemoryService:
         to the store thread for the lot, which is what makes batches cheap."""
         if not items:
             raise InvalidArgument("PutMany with no items; send at least one value")
-        for item in items:
-            self._check_inline(item)
+        for index, item in enumerate(items):
+            try:
+                self._check_inline(item)
+            except (InvalidArgument, ResourceExhausted, DataLoss) as exc:
+                raise type(exc)(
+                    f"item {index} of {len(items)}: {exc}; nothing was stored"
+                ) from None
         deadline = time.monotonic() + wait
         while True:
             moved = await self._on_store_thread(_spills_during, scope, _put_batch, scope, items)
@@ -378,35 +383,35 @@ class MemoryService:
         if problem:
             raise InvalidArgument(f"{item.key!r}: {problem}")
         size = len(item.data)
-        most = self.settings.max_value_size
-        if size > MAX_INLINE_VALUE or (most is not False and size > most):
+        if size > MAX_INLINE_VALUE:
             raise InvalidArgument(
                 f"{item.key!r}: the value is {format_bytes(size)}; values travel whole in "
-                f"one message up to {format_bytes(MAX_INLINE_VALUE)}"
-                + (
-                    f" and this daemon's limits.max-value-size ({format_bytes(most)})"
-                    if most is not False
-                    else ""
-                )
-                + "; send it with Put, which streams it. Nothing was stored"
+                f"one message up to {format_bytes(MAX_INLINE_VALUE)}: send it with Put, "
+                "which streams it"
+            )
+        most = self.settings.max_value_size
+        if most is not False and size > most:
+            raise ResourceExhausted(
+                f"{item.key!r}: the value is {format_bytes(size)}, more than the "
+                f"{format_bytes(most)} this daemon takes in one value (limits.max-value-size)"
             )
         crc = checksum(item.data)
         if item.crc is not None and crc != item.crc:
             raise DataLoss(
                 f"{item.key!r}: the value's CRC32C is {crc:#010x}, the client's "
-                f"{item.crc:#010x}: it was damaged on the way. Nothing was stored; put it again"
+                f"{item.crc:#010x}: it was damaged on the way"
             )
         item.crc = crc
 
     async def get_many(self, scope: Scope, keys: Sequence[str]) -> list[ManyRead]:
-        """Several values at once, inline up to ``MAX_INLINE_TOTAL`` in all; the rest
+        """Several values at once, inline up to ``MESSAGE_BUDGET`` in all; the rest
         marked for Get. A damaged value fails its own item only."""
         if not keys:
             raise InvalidArgument("GetMany with no keys; name at least one")
         for key in keys:
             _check_key(key)
         moved = await self._on_store_thread(
-            _spills_during, scope, scope.read_many, keys, MAX_INLINE_TOTAL, MAX_INLINE_VALUE
+            _spills_during, scope, scope.read_many, keys, MESSAGE_BUDGET, MAX_INLINE_VALUE
         )
         for read in moved.result:
             if read.failure is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from memctl.auth import SCOPE_METADATA_KEY
-from memctl.protocol import CHUNK_SIZE, MAX_INLINE_TOTAL, SESSION_METADATA_KEY
+from memctl.protocol import CHUNK_SIZE, MESSAGE_BUDGET, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
@@ -421,18 +421,27 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         answers: asyncio.Queue[pb.OperationResult | None],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        """Send answers as they come, each message taking all that are ready (up to
-        about MAX_INLINE_TOTAL bytes, so that it stays within any client's limit)."""
-        while True:
-            answer = await answers.get()
+        """Send answers as they come, each message taking those ready, up to
+        MESSAGE_BUDGET bytes (one that would not fit goes in the next), so that a
+        message stays within what clients accept."""
+        held: pb.OperationResult | None = None
+        finished = False
+        while not finished:
+            answer = held if held is not None else await answers.get()
+            held = None
             if answer is None:
                 return
             batch, size = [answer], 0
-            while not answers.empty() and (size := size + batch[-1].ByteSize()) < MAX_INLINE_TOTAL:
+            while not answers.empty():
                 following = answers.get_nowait()
                 if following is None:
-                    await context.write(pb.PipelineResponse(results=batch))
-                    return
+                    finished = True
+                    break
+                size = size or answer.ByteSize()
+                size += following.ByteSize()
+                if size > MESSAGE_BUDGET:
+                    held = following
+                    break
                 batch.append(following)
             await context.write(pb.PipelineResponse(results=batch))
 

@@ -1401,7 +1401,7 @@ class GetItem(_message.Message):
     data: _builtins.bytes
     """The value, unless `streamed`."""
     streamed: _builtins.bool
-    """The value is too large to travel inline (over 1 MiB, or past the 4 MiB a
+    """The value is too large to travel inline (over 1 MiB, or past the 3 MiB a
     response carries): read it with Get.
     """
     @_builtins.property

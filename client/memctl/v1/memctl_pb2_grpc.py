@@ -220,8 +220,9 @@ class MemctlServiceServicer:
     def GetMany(self, request, context):
         """GetMany reads several values in one call. A missing key is reported in
         its item (found false), not as NOT_FOUND; a damaged value fails only its
-        own item (DATA_LOSS). Values travel inline up to 1 MiB each and 4 MiB in
-        all; a value beyond that comes back marked `streamed`: read it with Get.
+        own item (DATA_LOSS). Values travel inline up to 1 MiB each and 3 MiB in
+        all (so that the answer fits gRPC's default 4 MiB message limit); a value
+        beyond that comes back marked `streamed`: read it with Get.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,7 +232,8 @@ class MemctlServiceServicer:
         """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
         Delete, Stat), several per message, each with an id the answer repeats.
         Operations of one message run in order; answers may come back in any
-        order and may be grouped differently from the requests. Clients use it to
+        order and may be grouped differently from the requests (an answer message
+        carries at most about 3 MiB of values, as a GetMany answer does). Clients use it to
         coalesce concurrent calls: one message each way carries many of them.
         The stream's metadata (token, session, scope) applies to every operation.
         """
