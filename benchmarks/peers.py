@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import psutil
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from memctl import AsyncClient, Client
 
@@ -32,7 +34,7 @@ from memctl import AsyncClient, Client
 START_DEADLINE = 30.0
 STOP_DEADLINE = 20.0
 #: Attempts to start a server on a port found free, in case another process takes it
-#: between our finding it and the server binding it.
+#: between our finding it and the server binding it (the server then exits at once).
 START_ATTEMPTS = 3
 
 
@@ -112,17 +114,23 @@ class RedisServer:
             server = cls(process, port, log_path)
             if server._wait_ready():
                 return server
+            silent = process.poll() is None  # alive but not answering: no use retrying
             stop_process(process, signal.SIGKILL)
+            if silent:
+                break
         raise PeerError(f"redis-server did not start:\n{_tail(log_path)}")
 
     def _wait_ready(self) -> bool:
-        """Poll PING until it answers, the process dies, or the deadline passes."""
+        """Poll until our server answers (not another process that took the port), the
+        process dies, or the deadline passes."""
         deadline = time.monotonic() + START_DEADLINE
-        probe = self.client()
+        probe = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
         try:
             while time.monotonic() < deadline and self.process.poll() is None:
-                with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
-                    if probe.ping():
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    if int(probe.info("server")["process_id"]) == self.process.pid:
                         return True
                 time.sleep(0.02)
             return False
@@ -200,7 +208,10 @@ class MemctlDaemon:
             if found is not None:
                 bound, token = found
                 return cls(process, bound, token, local, log_path)
+            silent = process.poll() is None  # alive but not answering: no use retrying
             stop_process(process, signal.SIGKILL)
+            if silent:
+                break
         raise PeerError(f"memctl serve did not start:\n{_tail(log_path)}")
 
     @property
