@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol, cast
-
-from memctl import Client
-from memctl.results import PutResult
 
 from .peers import Lab, MemctlDaemon, RedisServer
-from .report import Row, Skipped
+from .report import Row
 from .timing import KIB, MIB, Sample, payload, run_sequential, run_tasks, run_threads
 
 #: Memory limit of the daemons in workloads 1-4: every value stays in RAM.
@@ -26,17 +22,6 @@ ROOMY_LIMIT = "2 GiB"
 BATCH = 500
 BATCH_ROTATION = 20
 SPILL_VALUE = 8 * MIB
-
-
-class BatchClient(Protocol):
-    """The batch calls being added to ``Client`` on main; the workloads call exactly
-    these names. Until the batch API lands mypy sees ``Client`` through this."""
-
-    def put_many(self, items: Mapping[str, bytes]) -> list[PutResult]: ...
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]: ...
-
-    def delete_many(self, keys: Iterable[str]) -> int: ...
 
 
 def expect(value: object, size: int) -> None:
@@ -187,8 +172,6 @@ async def _redis_tasks(
 def run_batch(quick: bool, lab: Lab) -> list[Row]:
     """500 values per call against a Redis pipeline of 500 SETs and an MGET: the per-call
     cost spread over many small values."""
-    if not hasattr(Client, "put_many"):  # until the batch API lands
-        raise Skipped("batch API missing")
     seconds = 0.4 if quick else 2.0
     value = payload(KIB)
     batches = [[f"b{b}-{j}" for j in range(BATCH)] for b in range(BATCH_ROTATION)]
@@ -204,10 +187,9 @@ def run_batch(quick: bool, lab: Lab) -> list[Row]:
         expect(values[0], KIB)
 
     with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client() as client:
-        batch = cast(BatchClient, client)  # until the batch API lands
-        m_put = run_sequential(lambda i: batch.put_many(items[i % BATCH_ROTATION]), seconds)
+        m_put = run_sequential(lambda i: client.put_many(items[i % BATCH_ROTATION]), seconds)
         written = min(m_put.counts[0], BATCH_ROTATION)
-        m_get = run_sequential(lambda i: check(batch.get_many(batches[i % written])), seconds)
+        m_get = run_sequential(lambda i: check(client.get_many(batches[i % written])), seconds)
 
     redis = server.client()
 

@@ -4,13 +4,12 @@ daemon in memory? Judged against targets rather than a peer."""
 from __future__ import annotations
 
 import time
-from typing import cast
 
 from memctl import Client
 
-from .data_plane import BATCH, BatchClient
+from .data_plane import BATCH
 from .peers import Lab
-from .report import Row, Skipped
+from .report import Row
 from .timing import payload, percentile
 
 #: Goals the figures are judged against (peer "target").
@@ -39,17 +38,14 @@ def status_p50_ms(client: Client) -> float:
 def run_scale(quick: bool, lab: Lab) -> list[Row]:
     """1,000,000 keys of 16 bytes (quick: 10,000), put 500 at a time into a fresh
     daemon."""
-    if not hasattr(Client, "put_many"):  # until the batch API lands
-        raise Skipped("batch API missing")
     nkeys = 10_000 if quick else 1_000_000
     value = payload(VALUE_SIZE)
     with lab.memctl("2 GiB") as daemon, daemon.client() as client:
-        batch = cast(BatchClient, client)  # until the batch API lands
-        batch.put_many({key(i): value for i in range(FEW_KEYS)})
+        client.put_many({key(i): value for i in range(FEW_KEYS)})
         few = status_p50_ms(client)
         rss_before = daemon.rss()
         for start in range(FEW_KEYS, nkeys, BATCH):
-            batch.put_many({key(i): value for i in range(start, min(start + BATCH, nkeys))})
+            client.put_many({key(i): value for i in range(start, min(start + BATCH, nkeys))})
         stored = client.status().service
         if stored.keys_in_memory + stored.keys_on_disk != nkeys:
             raise RuntimeError(
