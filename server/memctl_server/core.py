@@ -12,9 +12,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
@@ -130,6 +130,8 @@ class MemoryService:
             load_factory(settings.store_factory) if settings.store_factory else None
         )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="memctl-store")
+        #: Operations that stay in RAM may run on the event loop (``_owned``).
+        self._inline = self._store_factory is None and not settings.persist
         self.journal: Journal | None = None
         if settings.persist:
             if self._store_factory is not None:
@@ -219,7 +221,7 @@ class MemoryService:
         serves them all; one log line for any that could not be written."""
         unwritten = 0
         for scope in self.scope_list:
-            result = await self._on_store_thread(scope.evict, everything=True)
+            result = await self._in_scope(scope, scope.evict, everything=True)
             if result.error:
                 unwritten += scope.sizes.keys_in_memory
                 logger.error("Scope %r: %s", scope.name, result.error)
@@ -234,8 +236,33 @@ class MemoryService:
         journal.close()
 
     async def _on_store_thread(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``func`` on the store thread: for what touches no scope's state."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._store_thread, lambda: func(*args, **kwargs))
+
+    async def _in_scope(
+        self, scope: Scope, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Run a store operation on ``scope`` on the store thread, holding its lock."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._store_thread, lambda: _locked(scope, func, *args, **kwargs)
+        )
+
+    @contextmanager
+    def _owned(self, scope: Scope) -> Iterator[bool]:
+        """Whether the event loop may act on ``scope`` itself, now: for operations that
+        stay in RAM (no disk I/O), which then skip two thread hand-offs. Only with the
+        built-in store (a user's store may do I/O anywhere) and without the journal
+        (shared by every scope), and only while the store thread is not working on the
+        scope (its lock is free)."""
+        if not self._inline or not scope.lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            scope.lock.release()
 
     def scope_for(self, session_id: str | None) -> Scope:
         """The scope a call's data belongs to: its worker's, or the service's own."""
@@ -277,7 +304,7 @@ class MemoryService:
             scope = self._new_scope(worker_id, ScopeKind.WORKER, memory_limit)
             self._add_scope(scope)
         elif scope.memory_limit != memory_limit:
-            await self._on_store_thread(scope.set_memory_limit, memory_limit)
+            await self._in_scope(scope, scope.set_memory_limit, memory_limit)
         self.sessions[session_id] = worker_id
         return scope, kept
 
@@ -287,7 +314,7 @@ class MemoryService:
         self._publish_scopes()
         for session_id in [s for s, name in self.sessions.items() if name == scope.name]:
             del self.sessions[session_id]
-        await self._on_store_thread(scope.delete, list(scope.entries))
+        await self._in_scope(scope, scope.delete, list(scope.entries))
 
     # --- data plane -------------------------------------------------------------------
     async def put(
@@ -322,8 +349,15 @@ class MemoryService:
         try:
             if route == "memory":
                 data, crc = await _receive(request, chunks)
-                moved = await self._on_store_thread(
-                    _spills_during, scope, scope.put, request.key, data, crc, request.metadata
+                moved = await self._in_scope(
+                    scope,
+                    _spills_during,
+                    scope,
+                    scope.put,
+                    request.key,
+                    data,
+                    crc,
+                    request.metadata,
                 )
                 location: Route = moved.result
                 cause = "took the scope's managed memory over its target"
@@ -340,7 +374,7 @@ class MemoryService:
             # No await here: this runs on cancellation too.
             loop = asyncio.get_running_loop()
             self._store_thread.submit(
-                scope.release, route, request.size, header_size
+                _locked, scope, scope.release, route, request.size, header_size
             ).add_done_callback(lambda _: _call_soon(loop, self.room_changed))
         if moved.values:
             self._record_spill(
@@ -364,8 +398,12 @@ class MemoryService:
                     f"item {index} of {len(items)}: {exc}; nothing was stored"
                 ) from None
         deadline = time.monotonic() + wait
+        with self._owned(scope) as owned:
+            stored = _put_in_ram(scope, items) if owned else None
+        if stored is not None:
+            return stored
         while True:
-            moved = await self._on_store_thread(_spills_during, scope, _put_batch, scope, items)
+            moved = await self._in_scope(scope, _spills_during, scope, _put_batch, scope, items)
             if moved.result is not None:
                 break
             # No room for the batch now: wait as a Put does, then try again.
@@ -410,8 +448,11 @@ class MemoryService:
             raise InvalidArgument("GetMany with no keys; name at least one")
         for key in keys:
             _check_key(key)
-        moved = await self._on_store_thread(
-            _spills_during, scope, scope.read_many, keys, MESSAGE_BUDGET, MAX_INLINE_VALUE
+        with self._owned(scope) as owned:
+            if owned and _in_ram(scope, keys):
+                return scope.read_many(keys, MESSAGE_BUDGET, MAX_INLINE_VALUE)
+        moved = await self._in_scope(
+            scope, _spills_during, scope, scope.read_many, keys, MESSAGE_BUDGET, MAX_INLINE_VALUE
         )
         for read in moved.result:
             if read.failure is not None:
@@ -426,7 +467,7 @@ class MemoryService:
         """Reserve room for a Put, waiting up to ``wait`` seconds for some (backpressure)."""
         deadline = time.monotonic() + wait
         while True:
-            route = await self._on_store_thread(scope.route, size, header_size)
+            route = await self._in_scope(scope, scope.route, size, header_size)
             if route is not None:
                 return route
             await self._wait_for_room(deadline, wait, scope, size)
@@ -436,7 +477,7 @@ class MemoryService:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ResourceExhausted(
-                await self._on_store_thread(scope.no_room, size)
+                await self._in_scope(scope, scope.no_room, size)
                 + f" (waited {wait:.1f} s; memory.put-wait)"
             )
         # Room comes back when values are deleted, spilled or finish arriving; the
@@ -457,13 +498,13 @@ class MemoryService:
         writer: SpillWriter | None = None
         committed = False
         try:
-            writer = await self._on_store_thread(scope.open_writer, request.key, request.metadata)
+            writer = await self._in_scope(scope, scope.open_writer, request.key, request.metadata)
             received = 0
             async for chunk in chunks:
                 received = _check_chunk(request, received, chunk)
                 await self._on_store_thread(writer.write, chunk)
             _check_whole(request, received, writer.crc)
-            await self._on_store_thread(scope.adopt, request.key, writer, request.metadata)
+            await self._in_scope(scope, scope.adopt, request.key, writer, request.metadata)
             committed = True
         except OSError as exc:
             raise ResourceExhausted(
@@ -480,7 +521,7 @@ class MemoryService:
         """A value for Get: whole, or a checked stream from its spill file (``read_piece``)."""
         _check_key(key)
         try:
-            moved = await self._on_store_thread(_spills_during, scope, scope.read, key)
+            moved = await self._in_scope(scope, _spills_during, scope, scope.read, key)
         except DataLoss as exc:
             self._record_loss(scope, exc)
             raise
@@ -496,7 +537,7 @@ class MemoryService:
             return await self._on_store_thread(reader.read)
         except SpillFileDamaged as exc:
             self._store_thread.submit(reader.close)
-            loss = await self._on_store_thread(scope.lose, key, str(exc), reader.path)
+            loss = await self._in_scope(scope, scope.lose, key, str(exc), reader.path)
             self._record_loss(scope, loss)
             raise loss from None
 
@@ -518,7 +559,10 @@ class MemoryService:
 
     async def stat(self, scope: Scope, key: str) -> KeyInfo:
         _check_key(key)
-        return await self._on_store_thread(scope.stat, key)
+        with self._owned(scope) as owned:
+            if owned:  # reads only what is in RAM
+                return scope.stat(key)
+        return await self._in_scope(scope, scope.stat, key)
 
     async def list_keys(
         self, scope: Scope, *, prefix: str, page_size: int, page_token: str
@@ -530,7 +574,7 @@ class MemoryService:
                 f"(0 means {MAX_PAGE}) and follow next_page_token"
             )
         size = page_size or MAX_PAGE
-        page = await self._on_store_thread(scope.list_keys, prefix, page_token, size + 1)
+        page = await self._in_scope(scope, scope.list_keys, prefix, page_token, size + 1)
         if len(page) > size:
             return page[:size], page[size - 1].key
         return page, ""
@@ -545,8 +589,8 @@ class MemoryService:
             )
         for key in keys:
             _check_key(key)
-        result = await self._on_store_thread(
-            scope.evict, keys=keys, nbytes_wanted=nbytes, everything=everything
+        result = await self._in_scope(
+            scope, scope.evict, keys=keys, nbytes_wanted=nbytes, everything=everything
         )
         if result.values_moved:
             self._record_spill(
@@ -562,7 +606,10 @@ class MemoryService:
             raise InvalidArgument("name at least one key to delete")
         for key in keys:
             _check_key(key)
-        deleted = await self._on_store_thread(scope.delete, keys)
+        with self._owned(scope) as owned:
+            deleted = scope.delete(keys) if owned and _in_ram(scope, keys) else None
+        if deleted is None:
+            deleted = await self._in_scope(scope, scope.delete, keys)
         self.room_changed()
         return deleted
 
@@ -591,7 +638,7 @@ class MemoryService:
 
     async def spill(self, scope: Scope, nbytes: int) -> EvictResult:
         """Move ``nbytes`` of the scope's least recently used values to disk."""
-        result = await self._on_store_thread(scope.evict, nbytes_wanted=nbytes)
+        result = await self._in_scope(scope, scope.evict, nbytes_wanted=nbytes)
         self.room_changed()
         return result
 
@@ -671,6 +718,27 @@ class InlineValue:
     metadata: bytes
     #: The client's CRC32C if it sent one; once checked (``_check_inline``), the value's.
     crc: int | None = None
+
+
+def _locked(scope: Scope, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    with scope.lock:
+        return func(*args, **kwargs)
+
+
+def _in_ram(scope: Scope, keys: Sequence[str]) -> bool:
+    """Whether none of ``keys`` is on disk (so reading or deleting them needs no I/O)."""
+    return all(scope.data.location(key) != "disk" for key in keys)
+
+
+def _put_in_ram(scope: Scope, items: Sequence[InlineValue]) -> list[Route] | None:
+    """Store the items if they fit in RAM under the target with nothing to spill and
+    nothing on disk to replace; None (nothing done) otherwise."""
+    size = sum(len(item.data) for item in items)
+    if scope.managed + scope.incoming + size > scope.data.target:
+        return None
+    if not _in_ram(scope, [item.key for item in items]):
+        return None
+    return scope.put_many([(i.key, i.data, i.crc or 0, i.metadata) for i in items])
 
 
 def _put_batch(scope: Scope, items: Sequence[InlineValue]) -> list[Route] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -216,6 +217,9 @@ class Scope:
         self.thresholds = thresholds
         self.data = data
         self.entries: dict[str, Entry] = {}
+        #: Held by whoever acts on ``data`` and ``entries``: the store thread, or the
+        #: event loop for an operation that stays in RAM (``MemoryService._owned``).
+        self.lock = threading.Lock()
         #: Bytes reserved in RAM for values still arriving (``route``).
         self.incoming = 0
         self.sizes = StoreSizes()
