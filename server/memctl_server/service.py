@@ -64,6 +64,10 @@ async def _status_errors(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIt
         )
 
 
+#: The contract's Location for the domain's, without a name lookup per value.
+LOCATION_PB = {"memory": pb.LOCATION_MEMORY, "disk": pb.LOCATION_DISK}
+
+
 def thresholds_pb(thresholds: Thresholds) -> pb.Thresholds:
     return pb.Thresholds(
         **{
@@ -136,7 +140,7 @@ def get_item_pb(read: ManyRead) -> pb.GetItem:
         return pb.GetItem(key=read.key, failure=failure_pb(read.failure))
     if read.location is None or read.entry is None:
         return pb.GetItem(key=read.key)
-    location = enum_value(pb.Location, "LOCATION_", read.location)
+    location = LOCATION_PB[read.location]
     if read.data is None:
         return pb.GetItem(
             key=read.key, found=True, size=read.entry.size, location=location, streamed=True
@@ -163,6 +167,24 @@ def inline_values(request: pb.PutManyRequest) -> list[InlineValue]:
         )
         for item in request.items
     ]
+
+
+def _responses(answers: list[pb.OperationResult]) -> Iterator[pb.PipelineResponse]:
+    """``answers`` in as few messages as keep each within MESSAGE_BUDGET bytes of
+    values (what any gRPC client accepts by default)."""
+    if len(answers) == 1:
+        yield pb.PipelineResponse(results=answers)
+        return
+    batch: list[pb.OperationResult] = []
+    size = 0
+    for answer in answers:
+        answer_size = answer.ByteSize()
+        if batch and size + answer_size > MESSAGE_BUDGET:
+            yield pb.PipelineResponse(results=batch)
+            batch, size = [], 0
+        batch.append(answer)
+        size += answer_size
+    yield pb.PipelineResponse(results=batch)
 
 
 async def _chunks_of(key: str, messages: AsyncIterator[pb.PutRequest]) -> AsyncIterator[bytes]:
@@ -351,11 +373,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         locations = await self.core.put_many(scope, items, wait=wait)
         return pb.PutManyResponse(
             results=[
-                pb.PutResponse(
-                    key=item.key,
-                    size=len(item.data),
-                    location=enum_value(pb.Location, "LOCATION_", location),
-                )
+                pb.PutResponse(key=item.key, size=len(item.data), location=LOCATION_PB[location])
                 for item, location in zip(items, locations, strict=True)
             ]
         )
@@ -372,30 +390,32 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             wait = max(min(wait, remaining - DEADLINE_MARGIN), 0.0)
         return wait
 
-    # Reads with the request iterator and writes with context.write (one writer task),
-    # so that answers go out as operations finish, several to a message.
+    # Reads with the request iterator and writes with context.write: each message is
+    # worked on in a task of its own, so that one waiting for room does not hold up
+    # the stream, and answered in one message (or more, past MESSAGE_BUDGET).
     async def Pipeline(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.PipelineRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        answers: asyncio.Queue[pb.OperationResult | None] = asyncio.Queue()
         slots = asyncio.Semaphore(PIPELINE_MESSAGES_IN_FLIGHT)
+        writing = asyncio.Lock()
         working: set[asyncio.Task[None]] = set()
-        writer = asyncio.create_task(self._write_answers(answers, context))
 
         async def work(message: pb.PipelineRequest) -> None:
             try:
                 try:
                     scope = self._scope(context)
                 except MemctlError as exc:  # e.g. the session expired: every operation fails
-                    for operation in message.operations:
-                        answers.put_nowait(
-                            pb.OperationResult(id=operation.id, failure=failure_pb(exc))
-                        )
-                    return
-                for operation in message.operations:
-                    answers.put_nowait(await self._operate(operation, scope))
+                    answers = [
+                        pb.OperationResult(id=operation.id, failure=failure_pb(exc))
+                        for operation in message.operations
+                    ]
+                else:
+                    answers = [await self._operate(op, scope) for op in message.operations]
+                async with writing:
+                    for response in _responses(answers):
+                        await context.write(response)
             finally:
                 slots.release()
 
@@ -410,40 +430,9 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     task.add_done_callback(working.discard)
                 if working:
                     await asyncio.gather(*working)
-                answers.put_nowait(None)
-                await writer
         finally:
-            for task in (*working, writer):
+            for task in working:
                 task.cancel()
-
-    async def _write_answers(
-        self,
-        answers: asyncio.Queue[pb.OperationResult | None],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        """Send answers as they come, each message taking those ready, up to
-        MESSAGE_BUDGET bytes (one that would not fit goes in the next), so that a
-        message stays within what clients accept."""
-        held: pb.OperationResult | None = None
-        finished = False
-        while not finished:
-            answer = held if held is not None else await answers.get()
-            held = None
-            if answer is None:
-                return
-            batch, size = [answer], 0
-            while not answers.empty():
-                following = answers.get_nowait()
-                if following is None:
-                    finished = True
-                    break
-                size = size or answer.ByteSize()
-                size += following.ByteSize()
-                if size > MESSAGE_BUDGET:
-                    held = following
-                    break
-                batch.append(following)
-            await context.write(pb.PipelineResponse(results=batch))
 
     async def _operate(self, operation: pb.Operation, scope: Scope) -> pb.OperationResult:
         """One operation of a Pipeline; its failure is its own, never the stream's."""
