@@ -99,7 +99,7 @@ def test_every_method_refuses_a_missing_wrong_or_malformed_token(tmp_path: Path)
                     health = health_pb2_grpc.HealthStub(ch)
                     answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
                     assert answer.status == health_pb2.HealthCheckResponse.SERVING
-            assert server.core.service_scope.entries == {}  # no refused Put stored anything
+            assert server.core.service_scope.sizes.keys == 0  # no refused Put stored anything
             # The right token: every method answers (with its own errors, if any).
             stub = pb_grpc.MemctlServiceStub(channel)
             await stub.Put(put_stream("k", 1, b"v"), timeout=10)
@@ -133,7 +133,7 @@ def test_a_session_needs_the_token_on_every_call(tmp_path: Path) -> None:
                     bare_stub.Put(put_stream("mine", 1, b"x"), metadata=with_session)
                 )
                 assert_status(error, grpc.StatusCode.UNAUTHENTICATED)
-            assert server.core.scopes["w"].entries["mine"].size == 1
+            assert server.core.scopes["w"].stat("mine").size == 1
             attach.cancel()
             await eventually(lambda: not server.control.attached)
 
@@ -384,7 +384,7 @@ def test_limits_refuse_with_a_status_and_a_way_out(tmp_path: Path) -> None:
             error = await rpc_error(stub.Put(oversized(), timeout=10))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
             assert "larger than max" in (error.details() or ""), error.details()
-            assert "m" not in server.core.service_scope.entries
+            assert server.core.service_scope.data.location("m") is None
 
             me = (("memctl-client", "one-client"),)
             sessions = [

@@ -55,12 +55,12 @@ def test_sizes_are_tracked_through_every_move(tmp_path: Path) -> None:
     store = make(tmp_path)
     for i in range(10):
         store[f"k{i}"] = rec(bytes(30))
-    assert store.managed == sum(store.fast[k].size for k in store.fast) <= 100
+    assert store.managed == sum(store.entry(k).size for k in store.fast) <= 100
     assert store.spilled == sum(on_disk(k, 30) for k in store.slow)
     assert bytes(store["k0"].data) == bytes(30)  # read back: returns to RAM
     assert "k0" in store.fast
     store["k0"] = rec(bytes(5))  # overwrite
-    assert store.managed == sum(store.fast[k].size for k in store.fast)
+    assert store.managed == sum(store.entry(k).size for k in store.fast)
     for key in list(store):
         del store[key]
     assert store.managed == 0 and store.spilled == 0

@@ -242,12 +242,12 @@ class ControlPlane:
         if secret and self.identities.matches(worker_id, secret):
             return secret, False
         kept = self.core.scopes.get(worker_id)
-        if kept is None or not kept.entries:  # nothing kept for it: the id is free
+        if kept is None or not kept.sizes.keys:  # nothing kept for it: the id is free
             fresh = secrets.token_urlsafe(24)
             self.identities.set(worker_id, fresh)
             return fresh, False
         raise FailedPrecondition(
-            f"worker id {worker_id!r} attached before and its {len(kept.entries)} values "
+            f"worker id {worker_id!r} attached before and its {kept.sizes.keys} values "
             "are kept for it: attach "
             f"with {'the right' if secret else 'its'} resume secret (Hello.resume_secret, "
             "returned by its first attach; WorkerSession.resume_secret in Python), or "
@@ -325,7 +325,7 @@ class ControlPlane:
             pid,
             nthreads,
             scope,
-            len(scope.entries) if kept else 0,
+            scope.sizes.keys if kept else 0,
             resume_secret=secret,
             client=client,
         )
@@ -395,7 +395,7 @@ class ControlPlane:
             "Worker %r detached (%s); its %d values are kept for %.0f s",
             session.worker_id,
             why,
-            len(scope.entries),
+            scope.sizes.keys,
             self.retention,
         )
 
@@ -408,7 +408,7 @@ class ControlPlane:
                     "Releasing worker %r: detached for %.0f s, %d values dropped",
                     scope.name,
                     now - since,
-                    len(scope.entries),
+                    scope.sizes.keys,
                 )
                 await self.core.release_scope(scope)
                 self.identities.forget(scope.name)

@@ -214,7 +214,7 @@ class MemoryService:
 
     def _live_values(self) -> set[tuple[str, str]]:
         """Every (scope, key) stored now (store thread, or before serving)."""
-        return {(scope.name, key) for scope in self.scope_list for key in scope.entries}
+        return {(scope.name, key) for scope in self.scope_list for key in scope.data}
 
     async def write_all_to_disk(self) -> None:
         """At shutdown with persist: move every value in RAM to disk, so the next start
@@ -314,7 +314,7 @@ class MemoryService:
         self._publish_scopes()
         for session_id in [s for s, name in self.sessions.items() if name == scope.name]:
             del self.sessions[session_id]
-        await self._in_scope(scope, scope.delete, list(scope.entries))
+        await self._in_scope(scope, scope.clear)
 
     # --- data plane -------------------------------------------------------------------
     async def put(
@@ -504,7 +504,7 @@ class MemoryService:
                 received = _check_chunk(request, received, chunk)
                 await self._on_store_thread(writer.write, chunk)
             _check_whole(request, received, writer.crc)
-            await self._in_scope(scope, scope.adopt, request.key, writer, request.metadata)
+            await self._in_scope(scope, scope.adopt, request.key, writer)
             committed = True
         except OSError as exc:
             raise ResourceExhausted(

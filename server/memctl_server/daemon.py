@@ -337,15 +337,17 @@ async def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean exit."""
     pin_mmap_threshold()  # process-wide malloc tuning: the daemon's, not a test's
     async with build_server(config) as server:
+        # Signals handled before the address is told: a SIGTERM sent as soon as the
+        # line is read must stop the daemon cleanly, not kill it.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         # One line on stdout, so scripts (and tests) learn the address really bound;
         # then where its token is.
         print(f"memctl serving on {server.address}", flush=True)
         if server.authenticator.token_path is not None:
             print(f"memctl token in {server.authenticator.token_path}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
     return 0
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Container, Iterable, MutableMapping, Sized
+from collections.abc import Callable, Container, Iterable, Iterator, MutableMapping, Sized
 from typing import Any, Literal, cast
 
 from .errors import FailedPrecondition
 from .spillfile import SpillReader, SpillWriter
-from .store import ManualEvictProto, Record, SpillCounters, SpillFailed, nbytes
+from .store import Entry, ManualEvictProto, Record, SpillCounters, SpillFailed, nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class ForeignStore:
     def __init__(self, mapping: MutableMapping[str, Any], target: float, name: str):
         self.mapping = mapping
         self.target = target
-        self.sizes: dict[str, int] = {}
-        self.records: dict[str, tuple[int, bytes]] = {}
+        #: What the mapping (holding the bytes only) does not know of each value.
+        self.entries: dict[str, Entry] = {}
         self.total = 0
         self._evicted = [0, 0]
         self.can_spill = isinstance(mapping, ManualEvictProto)
@@ -74,21 +74,26 @@ class ForeignStore:
     def __setitem__(self, key: str, record: Record) -> None:
         value = record.data
         self.mapping[key] = value
-        self.records[key] = (record.crc, record.metadata)
-        self.total += nbytes(value) - self.sizes.get(key, 0)
-        self.sizes[key] = nbytes(value)
+        old = self.entries.get(key)
+        self.total += nbytes(value) - (old.size if old is not None else 0)
+        self.entries[key] = Entry(nbytes(value), record.metadata, record.crc)
         if self.can_spill:
             while self.managed > self.target and self._evict_one() > 0:
                 pass
 
     def __getitem__(self, key: str) -> Record:
-        crc, metadata = self.records[key]
-        return Record(self.mapping[key], crc, metadata)
+        entry = self.entries[key]
+        return Record(self.mapping[key], entry.crc, entry.metadata)
 
     def __delitem__(self, key: str) -> None:
         del self.mapping[key]
-        del self.records[key]
-        self.total -= self.sizes.pop(key)
+        self.total -= self.entries.pop(key).size
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def entry(self, key: str) -> Entry:
+        return self.entries[key]
 
     def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
         raise AssertionError("a configured store takes whole values (can_stream is False)")
@@ -109,7 +114,7 @@ class ForeignStore:
         raise AssertionError("a configured store has no disk of memctl's (can_stream is False)")
 
     def location(self, key: str) -> Literal["memory", "disk"] | None:
-        if key not in self.sizes:
+        if key not in self.entries:
             return None
         fast = self._fast()
         if isinstance(fast, Container) and key not in fast:
@@ -120,7 +125,7 @@ class ForeignStore:
     def managed(self) -> int:
         fast = self._fast()
         if isinstance(fast, Iterable) and isinstance(fast, Container):
-            return sum(self.sizes.get(k, 0) for k in fast)
+            return sum(entry.size for k in fast if (entry := self.entries.get(k)) is not None)
         return self.total
 
     @property
@@ -130,11 +135,11 @@ class ForeignStore:
     @property
     def keys_in_memory(self) -> int:
         fast = self._fast()
-        return len(fast) if isinstance(fast, Sized) else len(self.sizes)
+        return len(fast) if isinstance(fast, Sized) else len(self.entries)
 
     @property
     def keys_on_disk(self) -> int:
-        return len(self.sizes) - self.keys_in_memory
+        return len(self.entries) - self.keys_in_memory
 
     def disk_room(self) -> float:
         return 0.0  # memctl streams nothing to the mapping's disk, if it has one

@@ -2,8 +2,8 @@
 
 The service's own scope holds data put by clients that are not attached; each
 attached worker has a scope of its own (see PRODUCT.md, "Scopes"). A scope owns a
-``SpillBuffer`` (its values and their LRU order), the values' metadata, and the
-history behind its "unmanaged" reading.
+``SpillBuffer`` (its values, their metadata and checksums, and their LRU order: the
+only per-key state) and the history behind its "unmanaged" reading.
 
 Methods here are synchronous and may touch the disk: the service calls them from
 its one store thread, never from the event loop. Not covered here: the gRPC
@@ -12,10 +12,12 @@ mapping (``service.py``) and measuring process memory (``monitor.py``).
 
 from __future__ import annotations
 
+import bisect
 import functools
+import heapq
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, ParamSpec, Protocol, TypeVar
@@ -27,7 +29,7 @@ from .errors import DataLoss, NotFound, ResourceExhausted
 from .persist import FoundFile, Journal
 from .readings import MemoryReadings, UnmanagedHistory
 from .spillfile import SpillFileDamaged, SpillReader, SpillWriter, checksum
-from .store import OnDisk, Record, SpillBuffer, SpillCounters, SpillFailed, Value
+from .store import Entry, OnDisk, Record, SpillBuffer, SpillCounters, SpillFailed, Value
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,6 +49,8 @@ class ScopeStore(Protocol):
     def __setitem__(self, key: str, value: Record) -> None: ...
     def __getitem__(self, key: str) -> Record: ...
     def __delitem__(self, key: str) -> None: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def entry(self, key: str) -> Entry: ...
     def open_writer(self, key: str, metadata: bytes) -> SpillWriter: ...
     def adopt(self, key: str, writer: SpillWriter) -> None: ...
     def open_reader(self, key: str) -> SpillReader: ...
@@ -86,6 +90,10 @@ class StoreSizes:
     keys_in_memory: int = 0
     keys_on_disk: int = 0
     counters: SpillCounters = field(default_factory=SpillCounters)
+
+    @property
+    def keys(self) -> int:
+        return self.keys_in_memory + self.keys_on_disk
 
 
 def publishes(method: Callable[P, R]) -> Callable[P, R]:
@@ -137,16 +145,6 @@ class ScopeView:
     pid: int
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What the scope knows of a value besides its bytes."""
-
-    size: int
-    metadata: bytes
-    #: CRC32C of the value, taken when it arrived.
-    crc: int
-
-
 Route = Literal["memory", "disk"]
 
 
@@ -187,10 +185,76 @@ class EvictResult:
     error: str = ""
 
 
+class SortedKeys:
+    """A scope's keys in order for ListKeys, so that a page costs a bisection and its
+    own keys rather than a sort of every key.
+
+    Sorted at the first page, then kept up to date lazily: keys added since wait in a
+    list of their own, merged into each page as it is read; removed keys stay, and
+    pages skip them. Dropped, to be sorted afresh at the next page, once the keys
+    added and removed since outnumber half the sorted ones: that bounds what it holds
+    (8 bytes a key, and only once some ListKeys has asked). Store thread only.
+    """
+
+    def __init__(self) -> None:
+        self._sorted: list[str] | None = None
+        self._added: list[str] = []
+        self._removed = 0
+
+    def added(self, key: str) -> None:
+        if self._sorted is not None:
+            self._added.append(key)
+            self._changed()
+
+    def removed(self) -> None:
+        if self._sorted is not None:
+            self._removed += 1
+            self._changed()
+
+    def _changed(self) -> None:
+        assert self._sorted is not None
+        if len(self._added) + self._removed > len(self._sorted) // 2:
+            self._sorted, self._added, self._removed = None, [], 0
+
+    def page(
+        self,
+        keys: Iterable[str],
+        present: Callable[[str], bool],
+        prefix: str,
+        after: str,
+        limit: int,
+    ) -> list[str]:
+        """Up to ``limit`` keys starting with ``prefix``, sorted, strictly after ``after``.
+
+        ``keys`` are all the keys stored, read only to sort afresh; ``present`` tells
+        the removed ones the pages skip.
+        """
+        if self._sorted is None:
+            self._sorted = sorted(keys)
+        self._added.sort()  # cheap when only the keys added since the last page are new
+        page: list[str] = []
+        previous = None
+        merged = heapq.merge(_from(self._sorted, prefix, after), _from(self._added, prefix, after))
+        for key in merged:
+            if len(page) == limit or not key.startswith(prefix):
+                break
+            if key != previous and present(key):  # a key removed and added again is in both
+                page.append(key)
+            previous = key
+        return page
+
+
+def _from(keys: list[str], prefix: str, after: str) -> Iterator[str]:
+    """Sorted ``keys`` from the first that may be on the page: past ``after``, not
+    before ``prefix`` (the keys starting with it come first after that)."""
+    start = max(bisect.bisect_right(keys, after), bisect.bisect_left(keys, prefix))
+    return (keys[i] for i in range(start, len(keys)))
+
+
 class Scope:
     """One scope's data and settings.
 
-    One owner per field: the store thread alone touches ``data`` and ``entries`` and
+    One owner per field: the store thread alone touches ``data`` and ``sorted_keys`` and
     publishes ``sizes``; the event loop alone sets the control fields (``attached``,
     ``pid``, ``memo``, ...) and the unmanaged history. Readers on other threads
     (Status, metrics exporters) read only immutable values published whole:
@@ -216,9 +280,9 @@ class Scope:
         self.memory_limit = memory_limit
         self.thresholds = thresholds
         self.data = data
-        self.entries: dict[str, Entry] = {}
-        #: Held by whoever acts on ``data`` and ``entries``: the store thread, or the
-        #: event loop for an operation that stays in RAM (``MemoryService._owned``).
+        self.sorted_keys = SortedKeys()
+        #: Held by whoever acts on ``data``: the store thread, or the event loop for an
+        #: operation that stays in RAM (``MemoryService._owned``).
         self.lock = threading.Lock()
         #: Bytes reserved in RAM for values still arriving (``route``).
         self.incoming = 0
@@ -379,8 +443,9 @@ class Scope:
     @publishes
     def put(self, key: str, data: Value, crc: int, metadata: bytes) -> Route:
         """Store a whole value, replacing any old one; where it went."""
+        new = self.data.location(key) is None
         self.data[key] = Record(data, crc, metadata)
-        self._stored(key, Entry(memoryview(data).nbytes, metadata, crc))
+        self._stored(key, new=new)
         location = self.data.location(key)
         assert location is not None
         return location
@@ -390,8 +455,9 @@ class Scope:
         """Store whole values (key, data, crc, metadata): ``put`` for a batch, published
         once; where each one is once all are stored."""
         for key, data, crc, metadata in values:
+            new = self.data.location(key) is None
             self.data[key] = Record(data, crc, metadata)
-            self._stored(key, Entry(memoryview(data).nbytes, metadata, crc))
+            self._stored(key, new=new)
         return [self.data.location(key) or "disk" for key, *_ in values]
 
     @publishes
@@ -405,7 +471,7 @@ class Scope:
             if location is None:
                 reads.append(ManyRead(key))
                 continue
-            entry = self.entries[key]
+            entry = self.data.entry(key)
             streamed = location == "disk" and self.data.can_stream and entry.size > self.data.target
             if entry.size > min(most, budget) or streamed:
                 reads.append(ManyRead(key, location, entry))
@@ -427,19 +493,21 @@ class Scope:
         return self.data.open_writer(key, metadata)
 
     @publishes
-    def adopt(self, key: str, writer: SpillWriter, metadata: bytes) -> None:
+    def adopt(self, key: str, writer: SpillWriter) -> None:
         """Make a fully streamed value visible; SpillFailed if the disk refuses it."""
+        new = self.data.location(key) is None
         self.data.adopt(key, writer)
-        self._stored(key, Entry(writer.size, metadata, writer.crc))
+        self._stored(key, new=new)
 
-    def _stored(self, key: str, entry: Entry) -> None:
+    def _stored(self, key: str, *, new: bool) -> None:
+        if new:
+            self.sorted_keys.added(key)
         if self.journal is not None:
-            self.journal.added(self.name, key, new=key not in self.entries)
-        self.entries[key] = entry
+            self.journal.added(self.name, key, new=new)
 
     def _removed(self, key: str) -> None:
         del self.data[key]
-        del self.entries[key]
+        self.sorted_keys.removed()
         if self.journal is not None:
             self.journal.removed(self.name, key)
 
@@ -449,8 +517,7 @@ class Scope:
         assert isinstance(self.data, SpillBuffer), "persist needs the built-in store"
         for key, found in files.items():
             self.data.slow.adopt(key, OnDisk(found.path, found.disk_size, found.header))
-            header = found.header
-            self.entries[key] = Entry(header.size, header.metadata, header.crc)
+            self.sorted_keys.added(key)
 
     @publishes
     def read(self, key: str) -> ValueRead:
@@ -461,7 +528,7 @@ class Scope:
         location = self.data.location(key)
         if location is None:
             raise NotFound(f"no value under key {key!r} in scope {self.name!r}")
-        entry = self.entries[key]
+        entry = self.data.entry(key)
         try:
             if location == "disk" and self.data.can_stream and entry.size > self.data.target:
                 return ValueRead(entry, location, reader=self.data.open_reader(key))
@@ -475,7 +542,7 @@ class Scope:
     @publishes
     def lose(self, key: str, what: str, spill_file: str | None) -> DataLoss:
         """Drop a value found damaged (if ``spill_file`` still holds it); the error to raise."""
-        if key in self.entries and self.data.spill_file(key) == spill_file:
+        if self.data.location(key) is not None and self.data.spill_file(key) == spill_file:
             self._removed(key)
         return DataLoss(
             f"the value of {key!r} in scope {self.name!r} is lost: {what}. It has been "
@@ -486,13 +553,16 @@ class Scope:
         location = self.data.location(key)
         if location is None:
             raise NotFound(f"no value under key {key!r} in scope {self.name!r}")
-        entry = self.entries[key]
+        entry = self.data.entry(key)
         return KeyInfo(key, entry.size, location, len(entry.metadata))
 
     def list_keys(self, prefix: str, after: str, limit: int) -> list[KeyInfo]:
         """Up to ``limit`` keys starting with ``prefix``, sorted, strictly after ``after``."""
-        keys = sorted(k for k in self.entries if k.startswith(prefix) and k > after)
-        return [self.stat(k) for k in keys[:limit]]
+        keys = self.sorted_keys.page(self.data, self._has, prefix, after, limit)
+        return [self.stat(k) for k in keys]
+
+    def _has(self, key: str) -> bool:
+        return self.data.location(key) is not None
 
     @publishes
     def evict(
@@ -524,3 +594,7 @@ class Scope:
                 self._removed(key)
                 deleted += 1
         return deleted
+
+    def clear(self) -> int:
+        """Remove every value (a released worker scope); how many there were."""
+        return self.delete(list(self.data))

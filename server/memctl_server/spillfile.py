@@ -63,7 +63,7 @@ class SpillFileDamaged(Exception):
     """A spill file is missing, truncated, corrupt or undecodable; the message says which."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """A value as the store holds it: its bytes, their CRC32C and the Put's metadata."""
 
@@ -81,9 +81,9 @@ def nbytes(value: Value) -> int:
     return value.nbytes if isinstance(value, memoryview) else len(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileHeader:
-    """What a spill file says about the value it holds."""
+    """What a spill file says about the value it holds (one per value on disk: slots)."""
 
     scope: str
     key: str

@@ -15,6 +15,11 @@ Sizes are tracked incrementally (``zict.LRU.total_weight`` for RAM, ``Slow.total
 for disk) so readings never walk the keys. ``spilled`` counts the bytes really
 written to disk, after compression.
 
+A key costs as little as it can, since a daemon may hold millions of small values:
+RAM holds each key once (``OneDictLRU``), a small value packed with its checksum
+and metadata in one bytes object (``hold``), and what Stat and Get say of a value
+comes from there or from its file's header (``entry``), never from a second copy.
+
 Spill errors never lose data: a value that cannot be written (disk full,
 ``max-spill`` reached, permission denied) stays in RAM, the problem is logged once
 per burst with what to do about it, and ``evict()`` returns -1 rather than raising
@@ -28,19 +33,22 @@ drives it from one thread.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
 import secrets
 import shutil
+import struct
 import time
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Collection, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import zict
+from zict.common import NoDefault, locked, nodefault
 
 from memctl.sizes import format_bytes
 
@@ -58,6 +66,60 @@ from .spillfile import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Compression", "Record", "Value", "nbytes"]
+
+#: A value (and its metadata) up to this size is held in RAM packed in one bytes object
+#: with its checksum: one allocation instead of four (the Record, the data object and
+#: its buffer, the CRC's int). Larger values keep their Record: beside them those few
+#: objects are noise, and packing would copy the value.
+PACK_LIMIT = 4096
+#: A packed value: CRC32C and metadata length, then the metadata, then the data.
+_PACKED = struct.Struct("<II")
+
+#: A value as RAM holds it: packed bytes (small values) or its Record.
+Held = bytes | Record
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What Stat and Get say of a value besides its bytes."""
+
+    size: int
+    metadata: bytes
+    #: CRC32C of the value, taken when it arrived.
+    crc: int
+
+
+def hold(value: Held) -> Held:
+    """The form RAM keeps ``value`` in: packed if it is small."""
+    if isinstance(value, bytes) or nbytes(value.data) + len(value.metadata) > PACK_LIMIT:
+        return value
+    header = _PACKED.pack(value.crc, len(value.metadata))
+    return b"".join((header, value.metadata, value.data))
+
+
+def unpack(held: Held) -> Record:
+    """The Record of a held value (a packed one's data copied out: a few KiB at most)."""
+    if isinstance(held, Record):
+        return held
+    crc, metadata_size = _PACKED.unpack_from(held)
+    start = _PACKED.size + metadata_size
+    return Record(held[start:], crc, held[_PACKED.size : start])
+
+
+def held_entry(held: Held) -> Entry:
+    """A held value's entry, without copying its data out."""
+    if isinstance(held, Record):
+        return Entry(held.size, held.metadata, held.crc)
+    crc, metadata_size = _PACKED.unpack_from(held)
+    start = _PACKED.size + metadata_size
+    return Entry(len(held) - start, held[_PACKED.size : start], crc)
+
+
+def held_size(_key: str, held: Held) -> int:
+    """A held value's size in bytes: its weight in the LRU."""
+    if isinstance(held, Record):
+        return held.size
+    return len(held) - _PACKED.size - int(_PACKED.unpack_from(held)[1])
 
 
 @runtime_checkable
@@ -136,9 +198,9 @@ class SpillBudget:
         return f"max-spill {format_bytes(self.max_bytes)}, {format_bytes(self.used)} spilled"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OnDisk:
-    """Where a spilled value is and what its file says."""
+    """Where a spilled value is and what its file says (one per value on disk: slots)."""
 
     path: str
     disk_size: int
@@ -146,7 +208,7 @@ class OnDisk:
 
 
 # --- the disk tier -------------------------------------------------------------------
-class Slow(MutableMapping[str, Record]):
+class Slow(MutableMapping[str, Held]):
     """The disk tier: one checksummed spill file per value (``spillfile.py``), files
     readable by the service's user only (0600); enforces ``max-spill`` and counts the
     real bytes on disk.
@@ -170,8 +232,9 @@ class Slow(MutableMapping[str, Record]):
         self.directory.mkdir(mode=0o700, exist_ok=True)
         return str(self.directory)
 
-    def __setitem__(self, key: str, record: Record) -> None:
+    def __setitem__(self, key: str, value: Held) -> None:
         started = time.perf_counter()
+        record = unpack(value)
         try:
             writer = self.open_writer(key, record.metadata)
             writer.write(record.data)
@@ -211,9 +274,9 @@ class Slow(MutableMapping[str, Record]):
         self.total_weight += on_disk.disk_size
         self.budget.used += on_disk.disk_size
 
-    def __getitem__(self, key: str) -> Record:
+    def __getitem__(self, key: str) -> Held:
         on_disk = self.files[key]
-        return read_record(on_disk.path, key, on_disk.header.crc)
+        return hold(read_record(on_disk.path, key, on_disk.header.crc))
 
     def open_reader(self, key: str) -> SpillReader:
         on_disk = self.files[key]
@@ -239,15 +302,106 @@ class Slow(MutableMapping[str, Record]):
         return len(self.files)
 
 
-# --- the buffer ----------------------------------------------------------------------
-class SpillBuffer(zict.Buffer[str, Record]):
-    """A ``MutableMapping[str, Record]`` that spills its LRU values beyond ``target``.
+# --- the RAM tier --------------------------------------------------------------------
+class OneDictLRU(zict.LRU[str, Held]):
+    """zict's LRU holding each key once.
 
-    ``target`` is in bytes (``inf`` for none). A value heavier than the target goes
-    straight to disk (zict's "heavy" keys).
+    ``zict.LRU`` keeps a key in three dicts: its value in ``d``, its place in
+    ``order``, its weight in ``weights`` (~31 bytes a key each at a million keys).
+    Here ``d``'s own insertion order is the LRU order (a read moves its key to the
+    end) and a weight is recomputed from the value (``held_size``) when it leaves, so
+    ``order`` and ``weights`` stay empty. The methods below are zict 3.0's with only
+    that changed; heavy keys, callbacks, their failures and ``n`` work as in zict.
     """
 
-    fast: zict.LRU[str, Record]
+    d: dict[str, Held]
+
+    @locked
+    def __getitem__(self, key: str) -> Held:
+        value = self.d.pop(key)
+        self.d[key] = value
+        return value
+
+    @locked
+    def get_all_or_nothing(self, keys: Collection[str]) -> dict[str, Held]:
+        result = {key: self.d[key] for key in keys}
+        for key in keys:
+            self.d[key] = self.d.pop(key)
+        return result
+
+    def __setitem__(self, key: str, value: Held) -> None:
+        self.set_noevict(key, value)
+        try:
+            self.evict_until_below_target()
+        except Exception:
+            held = self.d.get(key)
+            if held is not None and self.weight(key, held) > self.n and key not in self.heavy:
+                # The new value alone is over n and could not leave: evict the rest.
+                with suppress(Exception):
+                    while len(self.d) > 1:
+                        self.evict()
+            raise
+
+    @locked
+    def set_noevict(self, key: str, value: Held) -> None:
+        self.discard(key)
+        weight = self.weight(key, value)
+        if key in self._cancel_evict:
+            self._cancel_evict[key] = True
+        self.d[key] = value
+        if weight > self.n:
+            self.heavy.add(key)  # evicted first
+        self.total_weight += weight
+
+    @locked
+    def evict(
+        self, key: str | NoDefault = nodefault
+    ) -> tuple[str, Held, float] | tuple[None, None, float]:
+        if isinstance(key, NoDefault):
+            try:
+                key = next(iter(self.heavy or self.d))
+            except StopIteration:
+                raise KeyError("evict(): dictionary is empty") from None
+        if key in self._cancel_evict:
+            return None, None, 0
+        # The value stays in d until every callback has succeeded.
+        value = self.d[key]
+        self.heavy.discard(key)
+        self._cancel_evict[key] = False
+        try:
+            with self.unlock():
+                for callback in self.on_evict:
+                    callback(key, value)
+                if self._cancel_evict[key]:
+                    for callback in self.on_cancel_evict:
+                        callback(key, value)
+                    return None, None, 0
+        finally:
+            del self._cancel_evict[key]
+        del self.d[key]
+        weight = self.weight(key, value)
+        self.total_weight -= weight
+        return key, value, weight
+
+    @locked
+    def __delitem__(self, key: str) -> None:
+        if key in self._cancel_evict:
+            self._cancel_evict[key] = True
+        value = self.d.pop(key)
+        self.heavy.discard(key)
+        self.total_weight -= self.weight(key, value)
+
+
+# --- the buffer ----------------------------------------------------------------------
+class SpillBuffer(zict.Buffer[str, Held]):
+    """A mapping of keys to Records that spills its LRU values beyond ``target``.
+
+    ``target`` is in bytes (``inf`` for none). A value heavier than the target goes
+    straight to disk (zict's "heavy" keys). Values go in as Records and come out as
+    Records; in between RAM holds them as ``hold`` makes them.
+    """
+
+    fast: OneDictLRU
     slow: Slow
     can_stream = True
     verifies_reads = True
@@ -265,21 +419,29 @@ class SpillBuffer(zict.Buffer[str, Record]):
             fast={},
             slow=Slow(directory, scope=scope, budget=budget, compression=compression),
             n=target,
-            weight=lambda _key, record: record.size,
+            weight=held_size,
             fast_to_slow_callbacks=[self._count_spill],
             slow_to_fast_callbacks=[self._count_read],
+        )
+        # zict.Buffer's own LRU, as Buffer makes it, but on one dict.
+        self.fast = OneDictLRU(
+            target,
+            {},
+            weight=held_size,
+            on_evict=[self.fast_to_slow],
+            on_cancel_evict=[self._cancel_evict],
         )
         self.directory = directory
         self._failing: str | None = None
         self._spilled = [0, 0]
         self._read = [0, 0]
 
-    def _count_spill(self, _key: str, record: Record) -> None:
-        self._spilled[0] += record.size
+    def _count_spill(self, key: str, value: Held) -> None:
+        self._spilled[0] += held_size(key, value)
         self._spilled[1] += 1
 
-    def _count_read(self, _key: str, record: Record) -> None:
-        self._read[0] += record.size
+    def _count_read(self, key: str, value: Held) -> None:
+        self._read[0] += held_size(key, value)
         self._read[1] += 1
 
     @property
@@ -314,10 +476,10 @@ class SpillBuffer(zict.Buffer[str, Record]):
         else:
             self._failing = None
 
-    def __setitem__(self, key: str, value: Record) -> None:
+    def __setitem__(self, key: str, value: Held) -> None:
         try:
             with self._handle_errors():
-                super().__setitem__(key, value)
+                super().__setitem__(key, hold(value))
         except SpillFailed:
             pass  # the value is stored (in RAM); the failure is logged
 
@@ -346,9 +508,23 @@ class SpillBuffer(zict.Buffer[str, Record]):
         # is still returned (Dask's SpillBuffer does the same).
         try:
             with self._handle_errors():
-                return super().__getitem__(key)
+                return unpack(super().__getitem__(key))
         except SpillFailed:
-            return self.fast[key]
+            return unpack(self.fast[key])
+
+    def __iter__(self) -> Iterator[str]:
+        # One thread drives the store, so a key is in RAM or on disk, never both:
+        # no set of every key seen, as zict.Buffer keeps against other threads.
+        return itertools.chain(self.fast, self.slow)
+
+    def entry(self, key: str) -> Entry:
+        """What Stat and Get say of a value, from RAM or its file's header; KeyError if
+        there is none. Leaves the LRU order as it is."""
+        held = self.fast.d.get(key)
+        if held is not None:
+            return held_entry(held)
+        header = self.slow.files[key].header
+        return Entry(header.size, header.metadata, header.crc)
 
     def evict(self) -> int:
         """Move the least recently used value to disk: its size, -1 on failure."""
