@@ -130,6 +130,8 @@ class MemoryService:
             load_factory(settings.store_factory) if settings.store_factory else None
         )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="memctl-store")
+        #: Spills after Puts that went over a target (``_settle_later``).
+        self._settling: set[asyncio.Task[None]] = set()
         #: Operations that stay in RAM may run on the event loop (``_owned``).
         self._inline = self._store_factory is None and not settings.persist
         self.journal: Journal | None = None
@@ -376,10 +378,10 @@ class MemoryService:
             self._store_thread.submit(
                 _locked, scope, scope.release, route, request.size, header_size
             ).add_done_callback(lambda _: _call_soon(loop, self.room_changed))
+        reason = f"Put of {request.key!r} ({format_bytes(request.size)}) {cause}"
         if moved.values:
-            self._record_spill(
-                scope, f"Put of {request.key!r} ({format_bytes(request.size)}) {cause}", moved
-            )
+            self._record_spill(scope, reason, moved)
+        self._settle_later(scope, reason)
         return location
 
     async def put_many(
@@ -408,11 +410,25 @@ class MemoryService:
                 break
             # No room for the batch now: wait as a Put does, then try again.
             await self._wait_for_room(deadline, wait, scope, sum(len(i.data) for i in items))
+        reason = f"PutMany of {len(items)} values took the scope over its target"
         if moved.values:
-            self._record_spill(
-                scope, f"PutMany of {len(items)} values took the scope over its target", moved
-            )
+            self._record_spill(scope, reason, moved)
+        self._settle_later(scope, reason)
         return moved.result
+
+    def _settle_later(self, scope: Scope, reason: str) -> None:
+        """Spill what a Put took over the target, behind its answer, not in front of it."""
+        if scope.managed <= scope.data.target:
+            return
+        task = asyncio.create_task(self._settle(scope, reason))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, scope: Scope, reason: str) -> None:
+        moved = await self._in_scope(scope, _spills_during, scope, scope.settle)
+        if moved.values:
+            self._record_spill(scope, reason, moved)
+        self.room_changed()
 
     def _check_inline(self, item: InlineValue) -> None:
         """Fill in ``item``'s CRC32C; InvalidArgument or DataLoss if it is bad."""
@@ -636,9 +652,11 @@ class MemoryService:
             snapshots.append(ScopeSnapshot(scope, readings, size))
         return snapshots
 
-    async def spill(self, scope: Scope, nbytes: int) -> EvictResult:
-        """Move ``nbytes`` of the scope's least recently used values to disk."""
-        result = await self._in_scope(scope, scope.evict, nbytes_wanted=nbytes)
+    async def spill(self, scope: Scope, nbytes: int, managed_seen: int) -> EvictResult:
+        """Move the scope's least recently used values to disk until its managed bytes
+        are ``nbytes`` under what the monitor saw (``managed_seen``): what a Put's
+        settling spilled meanwhile counts, so nothing is spilled twice."""
+        result = await self._in_scope(scope, _spill_down, scope, managed_seen - nbytes)
         self.room_changed()
         return result
 
@@ -718,6 +736,14 @@ class InlineValue:
     metadata: bytes
     #: The client's CRC32C if it sent one; once checked (``_check_inline``), the value's.
     crc: int | None = None
+
+
+def _spill_down(scope: Scope, goal: int) -> EvictResult:
+    """Spill LRU values until the scope's managed bytes are at most ``goal``."""
+    wanted = scope.managed - goal
+    if wanted <= 0:
+        return EvictResult(0, 0)
+    return scope.evict(nbytes_wanted=wanted)
 
 
 def _locked(scope: Scope, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

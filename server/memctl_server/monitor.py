@@ -77,7 +77,7 @@ class Monitor:
     async def apply(self, scope: Scope, decision: Decision) -> None:
         match decision:
             case Spill(nbytes=nbytes, reason=reason, readings=readings):
-                result = await self.core.spill(scope, nbytes)
+                result = await self.core.spill(scope, nbytes, readings.managed)
                 if result.values_moved:
                     self.events.record(
                         "spill",

@@ -81,6 +81,13 @@ class ForeignStore:
             while self.managed > self.target and self._evict_one() > 0:
                 pass
 
+    def insert(self, key: str, record: Record) -> None:
+        """A user's store spills as it stores: nothing is left for ``settle``."""
+        self[key] = record
+
+    def settle(self) -> None:
+        """Nothing to do: ``insert`` spilled already."""
+
     def __getitem__(self, key: str) -> Record:
         entry = self.entries[key]
         return Record(self.mapping[key], entry.crc, entry.metadata)

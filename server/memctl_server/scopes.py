@@ -47,6 +47,8 @@ class ScopeStore(Protocol):
     verifies_reads: bool
 
     def __setitem__(self, key: str, value: Record) -> None: ...
+    def insert(self, key: str, value: Record) -> None: ...
+    def settle(self) -> None: ...
     def __getitem__(self, key: str) -> Record: ...
     def __delitem__(self, key: str) -> None: ...
     def __iter__(self) -> Iterator[str]: ...
@@ -442,9 +444,10 @@ class Scope:
 
     @publishes
     def put(self, key: str, data: Value, crc: int, metadata: bytes) -> Route:
-        """Store a whole value, replacing any old one; where it went."""
+        """Store a whole value, replacing any old one; where it went. Values it takes
+        over the target spill only at ``settle``, after the answer."""
         new = self.data.location(key) is None
-        self.data[key] = Record(data, crc, metadata)
+        self.data.insert(key, Record(data, crc, metadata))
         self._stored(key, new=new)
         location = self.data.location(key)
         assert location is not None
@@ -456,7 +459,7 @@ class Scope:
         once; where each one is once all are stored."""
         for key, data, crc, metadata in values:
             new = self.data.location(key) is None
-            self.data[key] = Record(data, crc, metadata)
+            self.data.insert(key, Record(data, crc, metadata))
             self._stored(key, new=new)
         return [self.data.location(key) or "disk" for key, *_ in values]
 
@@ -487,6 +490,12 @@ class Scope:
             budget -= entry.size
             reads.append(ManyRead(key, location, entry, record.data))
         return reads
+
+    @publishes
+    def settle(self) -> None:
+        """Spill least recently used values until managed is back under the target
+        (after Puts that went over it, once they have been answered)."""
+        self.data.settle()
 
     def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
         """Start streaming a value into its spill file (the Put's disk route)."""

@@ -483,6 +483,23 @@ class SpillBuffer(zict.Buffer[str, Held]):
         except SpillFailed:
             pass  # the value is stored (in RAM); the failure is logged
 
+    def insert(self, key: str, value: Held) -> None:
+        """Store a value in RAM without spilling others to make room: ``settle`` does
+        that, after the Put has been answered. A value heavier than the target goes
+        to disk at once, as with ``[]=``."""
+        if self.fast.weight(key, value) > self.n:
+            self[key] = value
+            return
+        super().set_noevict(key, hold(value))
+
+    def settle(self) -> None:
+        """Spill least recently used values until RAM is back under the target."""
+        try:
+            with self._handle_errors():
+                self.fast.evict_until_below_target()
+        except SpillFailed:
+            pass  # the values stay in RAM; the failure is logged
+
     def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
         """Stream a value straight into a spill file; ``adopt`` it when complete."""
         return self.slow.open_writer(key, metadata)
