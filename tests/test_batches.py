@@ -12,6 +12,7 @@ import os
 import threading
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import crc32c
 import grpc
@@ -23,6 +24,7 @@ from memctl.protocol import MAX_INLINE_VALUE
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, wait_until
+from tests.inprocess import serving
 from tests.test_integrity import flip_bytes, spill_file
 from tests.test_observability import free_port
 from tests.tokens import raw_channel
@@ -296,3 +298,36 @@ def test_the_stream_comes_back_after_a_daemon_restart(spawn: Callable[..., Daemo
 
         wait_until(works)
         assert client.get("k") == b"v2"
+
+
+def test_values_in_ram_are_served_while_the_store_thread_is_busy(tmp_path: Path) -> None:
+    """The store thread stuck on another scope's disk work (here: held on an event)
+    delays no Put, Get, Stat or Delete of values in RAM; a value on disk waits for it."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path, memory_limit="1GiB") as (server, channel):
+            stub = pb_grpc.MemctlServiceStub(channel)
+            await stub.PutMany(
+                pb.PutManyRequest(items=[pb.PutItem(key="spilled", data=b"d" * 1000)]),
+                timeout=10,
+            )
+            await stub.Evict(pb.EvictRequest(keys=["spilled"]), timeout=10)
+            release = threading.Event()
+            busy = server.core._store_thread.submit(release.wait, 30)
+            try:
+                put = pb.PutManyRequest(items=[pb.PutItem(key="k", data=b"v")])
+                await asyncio.wait_for(stub.PutMany(put, timeout=10), 5)
+                got = await asyncio.wait_for(stub.GetMany(pb.GetManyRequest(keys=["k"])), 5)
+                assert got.items[0].data == b"v"
+                await asyncio.wait_for(stub.Stat(pb.StatRequest(key="k")), 5)
+                read_back = asyncio.ensure_future(
+                    stub.GetMany(pb.GetManyRequest(keys=["spilled"]), timeout=10)
+                )
+                done, _ = await asyncio.wait({read_back}, timeout=0.5)
+                assert not done, "a value on disk was read without the store thread"
+            finally:
+                release.set()
+            assert busy.result(timeout=10)
+            assert (await read_back).items[0].data == b"d" * 1000
+
+    asyncio.run(scenario())
