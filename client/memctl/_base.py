@@ -147,18 +147,30 @@ def put_pairs(
 def stored_value(item: pb.GetItem, address: str) -> StoredValue | None:
     """A GetMany item as a value; None if it is not there. The caller reads a
     ``streamed`` item with Get."""
-    if item.HasField("failure"):
-        raise from_failure(item.failure.code, item.failure.message, address, item.key)
-    if not item.found:
+    data = checked_data(item, address)
+    if data is None:
         return None
-    crc = crc32c.crc32c(item.data)
+    return StoredValue(data, item.metadata, location_name(item.location))
+
+
+def checked_data(item: pb.GetItem, address: str) -> bytes | None:
+    """A GetMany item's bytes, checked against its CRC32C; None if it is not there
+    (missing, or ``streamed``: the caller reads those with Get)."""
+    if not item.found:
+        if item.HasField("failure"):
+            raise from_failure(item.failure.code, item.failure.message, address, item.key)
+        return None
+    if item.streamed:
+        return None
+    data = item.data
+    crc = crc32c.crc32c(data)
     if crc != item.crc32c:
         raise DataLoss(
             f"Get of {item.key!r}: the bytes received have CRC32C {crc:#010x}, the "
             f"service sent {item.crc32c:#010x}; they were damaged on the way, read the "
             "value again"
         )
-    return StoredValue(item.data, item.metadata, location_name(item.location))
+    return data
 
 
 def put_result(response: pb.PutResponse) -> PutResult:

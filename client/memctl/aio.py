@@ -113,10 +113,11 @@ class AsyncClient(ClientBase):
         values: dict[str, bytes] = {}
         for answer in answers:
             for item in answer.get_many.items:
-                if item.streamed:
+                data = _base.checked_data(item, self.address)
+                if data is not None:
+                    values[item.key] = data
+                elif item.streamed:
                     values[item.key] = (await self._get_streamed(item.key)).data
-                elif (value := _base.stored_value(item, self.address)) is not None:
-                    values[item.key] = value.data
         return values
 
     async def stat(self, key: str) -> KeyInfo:

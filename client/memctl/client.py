@@ -138,10 +138,11 @@ class Client(ClientBase):
         values: dict[str, bytes] = {}
         for one in sent:
             for item in self._pipeline.wait(one, self.timeout).get_many.items:
-                if item.streamed:
+                data = _base.checked_data(item, self.address)
+                if data is not None:
+                    values[item.key] = data
+                elif item.streamed:
                     values[item.key] = self._get_streamed(item.key).data
-                elif (value := _base.stored_value(item, self.address)) is not None:
-                    values[item.key] = value.data
         return values
 
     def stat(self, key: str) -> KeyInfo:

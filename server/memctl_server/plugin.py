@@ -17,12 +17,28 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Container, Iterable, Iterator, MutableMapping, Sized
+from collections.abc import (
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+    Sized,
+)
 from typing import Any, Literal, cast
 
 from .errors import FailedPrecondition
 from .spillfile import SpillReader, SpillWriter
-from .store import Entry, ManualEvictProto, Record, SpillCounters, SpillFailed, nbytes
+from .store import (
+    Entry,
+    ManualEvictProto,
+    Record,
+    SpillCounters,
+    SpillFailed,
+    Value,
+    nbytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +96,10 @@ class ForeignStore:
         if self.can_spill:
             while self.managed > self.target and self._evict_one() > 0:
                 pass
+
+    def read_in_ram(self, keys: Sequence[str]) -> list[tuple[int, bytes, int, Value] | None]:
+        """No fast path: a user's store may do I/O on any read."""
+        return [None] * len(keys)
 
     def insert(self, key: str, record: Record) -> None:
         """A user's store spills as it stores: nothing is left for ``settle``."""

@@ -48,6 +48,7 @@ class ScopeStore(Protocol):
 
     def __setitem__(self, key: str, value: Record) -> None: ...
     def insert(self, key: str, value: Record) -> None: ...
+    def read_in_ram(self, keys: Sequence[str]) -> list[tuple[int, bytes, int, Value] | None]: ...
     def settle(self) -> None: ...
     def __getitem__(self, key: str) -> Record: ...
     def __delitem__(self, key: str) -> None: ...
@@ -160,14 +161,16 @@ class ValueRead:
     reader: SpillReader | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManyRead:
     """One item of a GetMany: found with its bytes, found but too large to travel
     inline (``data`` None), missing (``location`` None), or failed."""
 
     key: str
     location: Route | None = None
-    entry: Entry | None = None
+    size: int = 0
+    metadata: bytes = b""
+    crc: int = 0
     data: Value | None = None
     failure: DataLoss | None = None
 
@@ -469,7 +472,15 @@ class Scope:
         all together ``budget``; larger ones only described (the client streams them).
         A damaged value fails its own item."""
         reads: list[ManyRead] = []
-        for key in keys:
+        for key, held in zip(keys, self.data.read_in_ram(keys), strict=True):
+            if held is not None:  # the common case, without a lookup per question
+                size, metadata, crc, data = held
+                if size <= min(most, budget):
+                    budget -= size
+                    reads.append(ManyRead(key, "memory", size, metadata, crc, data))
+                else:
+                    reads.append(ManyRead(key, "memory", size, metadata, crc))
+                continue
             location = self.data.location(key)
             if location is None:
                 reads.append(ManyRead(key))
@@ -477,7 +488,7 @@ class Scope:
             entry = self.data.entry(key)
             streamed = location == "disk" and self.data.can_stream and entry.size > self.data.target
             if entry.size > min(most, budget) or streamed:
-                reads.append(ManyRead(key, location, entry))
+                reads.append(ManyRead(key, location, entry.size, entry.metadata, entry.crc))
                 continue
             try:
                 record = self.data[key]
@@ -488,7 +499,9 @@ class Scope:
                 reads.append(ManyRead(key, failure=loss))
                 continue
             budget -= entry.size
-            reads.append(ManyRead(key, location, entry, record.data))
+            reads.append(
+                ManyRead(key, location, entry.size, entry.metadata, entry.crc, record.data)
+            )
         return reads
 
     @publishes

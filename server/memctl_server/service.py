@@ -135,25 +135,34 @@ def event_pb(event: Event) -> pb.Event:
     )
 
 
-def get_item_pb(read: ManyRead) -> pb.GetItem:
-    if read.failure is not None:
-        return pb.GetItem(key=read.key, failure=failure_pb(read.failure))
-    if read.location is None or read.entry is None:
-        return pb.GetItem(key=read.key)
-    location = LOCATION_PB[read.location]
+def add_get_item(items: Any, read: ManyRead) -> int:
+    """Append ``read`` to a GetManyResponse's ``items`` (built in place: no copies of
+    the values but the one into the message); the value bytes it carries."""
+    if read.location is None:
+        if read.failure is not None:
+            items.add(key=read.key, failure=failure_pb(read.failure))
+        else:
+            items.add(key=read.key)
+        return 0
     if read.data is None:
-        return pb.GetItem(
-            key=read.key, found=True, size=read.entry.size, location=location, streamed=True
+        items.add(
+            key=read.key,
+            found=True,
+            size=read.size,
+            location=LOCATION_PB[read.location],
+            streamed=True,
         )
-    return pb.GetItem(
+        return 0
+    items.add(
         key=read.key,
         found=True,
-        size=read.entry.size,
-        location=location,
-        metadata=read.entry.metadata,
-        crc32c=read.entry.crc,
+        size=read.size,
+        location=LOCATION_PB[read.location],
+        metadata=read.metadata,
+        crc32c=read.crc,
         data=read.data if isinstance(read.data, bytes) else bytes(read.data),
     )
+    return read.size
 
 
 def failure_pb(error: MemctlError) -> pb.Failure:
@@ -167,24 +176,6 @@ def inline_values(request: pb.PutManyRequest) -> list[InlineValue]:
         )
         for item in request.items
     ]
-
-
-def _responses(answers: list[pb.OperationResult]) -> Iterator[pb.PipelineResponse]:
-    """``answers`` in as few messages as keep each within MESSAGE_BUDGET bytes of
-    values (what any gRPC client accepts by default)."""
-    if len(answers) == 1:
-        yield pb.PipelineResponse(results=answers)
-        return
-    batch: list[pb.OperationResult] = []
-    size = 0
-    for answer in answers:
-        answer_size = answer.ByteSize()
-        if batch and size + answer_size > MESSAGE_BUDGET:
-            yield pb.PipelineResponse(results=batch)
-            batch, size = [], 0
-        batch.append(answer)
-        size += answer_size
-    yield pb.PipelineResponse(results=batch)
 
 
 async def _chunks_of(key: str, messages: AsyncIterator[pb.PutRequest]) -> AsyncIterator[bytes]:
@@ -356,31 +347,37 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         self, request: pb.PutManyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PutManyResponse:
         async with _status_errors(context):
-            return await self._put_many(self._scope(context), request, self._put_wait(context))
+            response = pb.PutManyResponse()
+            scope = self._scope(context)
+            await self._put_many(scope, request, self._put_wait(context), response)
+            return response
         raise AssertionError("unreachable: abort raises")
 
     async def GetMany(
         self, request: pb.GetManyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetManyResponse:
         async with _status_errors(context):
-            return await self._get_many(self._scope(context), request)
+            response = pb.GetManyResponse()
+            await self._get_many(self._scope(context), request, response)
+            return response
         raise AssertionError("unreachable: abort raises")
 
     async def _put_many(
-        self, scope: Scope, request: pb.PutManyRequest, wait: float
-    ) -> pb.PutManyResponse:
+        self, scope: Scope, request: pb.PutManyRequest, wait: float, into: pb.PutManyResponse
+    ) -> None:
         items = inline_values(request)
         locations = await self.core.put_many(scope, items, wait=wait)
-        return pb.PutManyResponse(
-            results=[
-                pb.PutResponse(key=item.key, size=len(item.data), location=LOCATION_PB[location])
-                for item, location in zip(items, locations, strict=True)
-            ]
-        )
+        results = into.results
+        for item, location in zip(items, locations, strict=True):
+            results.add(key=item.key, size=len(item.data), location=LOCATION_PB[location])
 
-    async def _get_many(self, scope: Scope, request: pb.GetManyRequest) -> pb.GetManyResponse:
+    async def _get_many(
+        self, scope: Scope, request: pb.GetManyRequest, into: pb.GetManyResponse
+    ) -> int:
+        """Fill ``into``; the value bytes it carries."""
         reads = await self.core.get_many(scope, list(request.keys))
-        return pb.GetManyResponse(items=[get_item_pb(read) for read in reads])
+        items = into.items
+        return sum(add_get_item(items, read) for read in reads)
 
     def _put_wait(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         """How long a Put may wait for room: memory.put-wait, within the call's deadline."""
@@ -404,18 +401,29 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
 
         async def work(message: pb.PipelineRequest) -> None:
             try:
+                response = pb.PipelineResponse()
                 try:
                     scope = self._scope(context)
                 except MemctlError as exc:  # e.g. the session expired: every operation fails
-                    answers = [
-                        pb.OperationResult(id=operation.id, failure=failure_pb(exc))
-                        for operation in message.operations
-                    ]
+                    for operation in message.operations:
+                        response.results.add(id=operation.id, failure=failure_pb(exc))
                 else:
-                    answers = [await self._operate(op, scope) for op in message.operations]
+                    carried = 0
+                    for operation in message.operations:
+                        answer = response.results.add(id=operation.id)
+                        carried += await self._operate(operation, scope, answer)
+                        if carried > MESSAGE_BUDGET and len(response.results) > 1:
+                            # Send what came before, so that a message stays within
+                            # what clients accept; this answer starts the next one.
+                            last = pb.OperationResult()
+                            last.CopyFrom(response.results[-1])
+                            del response.results[-1]
+                            async with writing:
+                                await context.write(response)
+                            response = pb.PipelineResponse(results=[last])
+                            carried = last.ByteSize()
                 async with writing:
-                    for response in _responses(answers):
-                        await context.write(response)
+                    await context.write(response)
             finally:
                 slots.release()
 
@@ -434,17 +442,18 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             for task in working:
                 task.cancel()
 
-    async def _operate(self, operation: pb.Operation, scope: Scope) -> pb.OperationResult:
-        """One operation of a Pipeline; its failure is its own, never the stream's."""
-        answer = pb.OperationResult(id=operation.id)
+    async def _operate(
+        self, operation: pb.Operation, scope: Scope, answer: pb.OperationResult
+    ) -> int:
+        """One operation of a Pipeline, answered into ``answer``; the value bytes the
+        answer carries. Its failure is its own, never the stream's."""
         try:
             kind = operation.WhichOneof("kind")
             if kind == "put_many":
-                answer.put_many.CopyFrom(
-                    await self._put_many(scope, operation.put_many, self.core.settings.put_wait)
-                )
+                wait = self.core.settings.put_wait
+                await self._put_many(scope, operation.put_many, wait, answer.put_many)
             elif kind == "get_many":
-                answer.get_many.CopyFrom(await self._get_many(scope, operation.get_many))
+                return await self._get_many(scope, operation.get_many, answer.get_many)
             elif kind == "delete":
                 deleted = await self.core.delete(scope, list(operation.delete.keys))
                 answer.delete.deleted = deleted
@@ -467,7 +476,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     "log has details",
                 )
             )
-        return answer
+        return 0
 
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -41,7 +41,7 @@ import secrets
 import shutil
 import struct
 import time
-from collections.abc import Collection, Iterable, Iterator, MutableMapping
+from collections.abc import Collection, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +104,15 @@ def unpack(held: Held) -> Record:
     crc, metadata_size = _PACKED.unpack_from(held)
     start = _PACKED.size + metadata_size
     return Record(held[start:], crc, held[_PACKED.size : start])
+
+
+def held_parts(held: Held) -> tuple[int, bytes, int, Value]:
+    """A held value's size, metadata, CRC32C and data, in one unpacking."""
+    if isinstance(held, Record):
+        return held.size, held.metadata, held.crc, held.data
+    crc, metadata_size = _PACKED.unpack_from(held)
+    start = _PACKED.size + metadata_size
+    return len(held) - start, held[_PACKED.size : start], crc, held[start:]
 
 
 def held_entry(held: Held) -> Entry:
@@ -482,6 +491,22 @@ class SpillBuffer(zict.Buffer[str, Held]):
                 super().__setitem__(key, hold(value))
         except SpillFailed:
             pass  # the value is stored (in RAM); the failure is logged
+
+    def read_in_ram(self, keys: Sequence[str]) -> list[tuple[int, bytes, int, Value] | None]:
+        """``held_parts`` of each key held in RAM (None for the others), each moved to
+        the recent end of the LRU: GetMany's fast path, one lock for the lot."""
+        fast = self.fast
+        found: list[tuple[int, bytes, int, Value] | None] = []
+        with fast.lock:
+            d = fast.d
+            for key in keys:
+                held = d.pop(key, None)
+                if held is None:
+                    found.append(None)
+                    continue
+                d[key] = held
+                found.append(held_parts(held))
+        return found
 
     def insert(self, key: str, value: Held) -> None:
         """Store a value in RAM without spilling others to make room: ``settle`` does
