@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import crc32c
 import grpc
@@ -87,38 +88,49 @@ def is_inline(data: Buffer) -> bool:
     return memoryview(data).nbytes <= MAX_INLINE_VALUE
 
 
-def put_item(key: str, data: Buffer, metadata: bytes) -> pb.PutItem:
+class PutEntry(NamedTuple):
     """One value of a PutMany, checked, with its CRC32C."""
+
+    key: str
+    data: bytes
+    metadata: bytes
+    crc: int
+
+
+def put_entry(key: str, data: Buffer, metadata: bytes) -> PutEntry:
     check_key(key)
     problem = metadata_problem(metadata)
     if problem:
         raise InvalidArgument(problem)
     value = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-    return pb.PutItem(key=key, data=value, metadata=metadata, crc32c=crc32c.crc32c(value))
+    return PutEntry(key, value, metadata, crc32c.crc32c(value))
 
 
-def put_operation(items: list[pb.PutItem]) -> pb.Operation:
-    return pb.Operation(put_many=pb.PutManyRequest(items=items))
+def put_operation(entries: Iterable[PutEntry]) -> pb.Operation:
+    """A PutMany operation, its items built in place (no copy of the message)."""
+    operation = pb.Operation()
+    add = operation.put_many.items.add
+    for key, data, metadata, crc in entries:
+        add(key=key, data=data, metadata=metadata, crc32c=crc)
+    return operation
 
 
 def get_operation(keys: list[str]) -> pb.Operation:
     return pb.Operation(get_many=pb.GetManyRequest(keys=keys))
 
 
-def batches_of(
-    items: list[tuple[int, pb.PutItem]],
-) -> Iterator[list[tuple[int, pb.PutItem]]]:
-    """Numbered ``items`` in groups of at most about MESSAGE_BUDGET bytes (one
+def batches_of(entries: list[tuple[int, PutEntry]]) -> Iterator[list[tuple[int, PutEntry]]]:
+    """Numbered ``entries`` in groups of at most about MESSAGE_BUDGET bytes (one
     message each)."""
-    batch: list[tuple[int, pb.PutItem]] = []
+    batch: list[tuple[int, PutEntry]] = []
     size = 0
-    for numbered in items:
-        item_size = len(numbered[1].data) + len(numbered[1].key)
-        if batch and size + item_size > MESSAGE_BUDGET:
+    for numbered in entries:
+        entry_size = len(numbered[1].data) + len(numbered[1].key)
+        if batch and size + entry_size > MESSAGE_BUDGET:
             yield batch
             batch, size = [], 0
         batch.append(numbered)
-        size += item_size
+        size += entry_size
     if batch:
         yield batch
 

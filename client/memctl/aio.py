@@ -40,8 +40,8 @@ class AsyncClient(ClientBase):
     async def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
         if not _base.is_inline(data):
             return await self._put_streamed(key, data, metadata)
-        item = _base.put_item(key, data, metadata)
-        result = await self._pipeline.call(_base.put_operation([item]), self.timeout, key)
+        entry = _base.put_entry(key, data, metadata)
+        result = await self._pipeline.call(_base.put_operation([entry]), self.timeout, key)
         return _base.put_result(result.put_many.results[0])
 
     async def _put_streamed(self, key: str, data: Buffer, metadata: bytes) -> PutResult:
@@ -55,7 +55,7 @@ class AsyncClient(ClientBase):
     ) -> list[PutResult]:
         pairs = _base.put_pairs(items)
         small = [
-            (i, _base.put_item(k, v, metadata))
+            (i, _base.put_entry(k, v, metadata))
             for i, (k, v) in enumerate(pairs)
             if _base.is_inline(v)
         ]
@@ -63,7 +63,7 @@ class AsyncClient(ClientBase):
         answers = await asyncio.gather(
             *(
                 self._pipeline.call(
-                    _base.put_operation([item for _, item in batch]), self.timeout, batch[0][1].key
+                    _base.put_operation(entry for _, entry in batch), self.timeout, batch[0][1].key
                 )
                 for batch in batches
             )

@@ -65,8 +65,8 @@ class Client(ClientBase):
         """
         if not _base.is_inline(data):
             return self._put_streamed(key, data, metadata)
-        item = _base.put_item(key, data, metadata)
-        result = self._pipeline.call(_base.put_operation([item]), self.timeout, key)
+        entry = _base.put_entry(key, data, metadata)
+        result = self._pipeline.call(_base.put_operation([entry]), self.timeout, key)
         return _base.put_result(result.put_many.results[0])
 
     def _put_streamed(self, key: str, data: Buffer, metadata: bytes) -> PutResult:
@@ -83,13 +83,13 @@ class Client(ClientBase):
         failure raises, and values of messages already answered stay stored."""
         pairs = _base.put_pairs(items)
         small = [
-            (i, _base.put_item(k, v, metadata))
+            (i, _base.put_entry(k, v, metadata))
             for i, (k, v) in enumerate(pairs)
             if _base.is_inline(v)
         ]
         results: dict[int, PutResult] = {}
         sent = [
-            (batch, self._pipeline.send(_base.put_operation([item for _, item in batch])))
+            (batch, self._pipeline.send(_base.put_operation(entry for _, entry in batch)))
             for batch in _base.batches_of(small)
         ]
         for batch, one in sent:
