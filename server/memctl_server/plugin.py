@@ -101,6 +101,14 @@ class ForeignStore:
         """No fast path: a user's store may do I/O on any read."""
         return [None] * len(keys)
 
+    def insert_many(self, records: Sequence[tuple[str, Record]]) -> list[bool]:
+        """``insert`` each in turn; whether each key is new."""
+        news = []
+        for key, record in records:
+            news.append(key not in self.entries)
+            self.insert(key, record)
+        return news
+
     def insert(self, key: str, record: Record) -> None:
         """A user's store spills as it stores: nothing is left for ``settle``."""
         self[key] = record

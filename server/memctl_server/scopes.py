@@ -48,6 +48,7 @@ class ScopeStore(Protocol):
 
     def __setitem__(self, key: str, value: Record) -> None: ...
     def insert(self, key: str, value: Record) -> None: ...
+    def insert_many(self, records: Sequence[tuple[str, Record]]) -> list[bool]: ...
     def read_in_ram(self, keys: Sequence[str]) -> list[tuple[int, bytes, int, Value] | None]: ...
     def settle(self) -> None: ...
     def __getitem__(self, key: str) -> Record: ...
@@ -460,11 +461,10 @@ class Scope:
     def put_many(self, values: Sequence[tuple[str, Value, int, bytes]]) -> list[Route]:
         """Store whole values (key, data, crc, metadata): ``put`` for a batch, published
         once; where each one is once all are stored."""
-        for key, data, crc, metadata in values:
-            new = self.data.location(key) is None
-            self.data.insert(key, Record(data, crc, metadata))
+        records = [(key, Record(data, crc, metadata)) for key, data, crc, metadata in values]
+        for (key, _), new in zip(records, self.data.insert_many(records), strict=True):
             self._stored(key, new=new)
-        return [self.data.location(key) or "disk" for key, *_ in values]
+        return [self.data.location(key) or "disk" for key, _ in records]
 
     @publishes
     def read_many(self, keys: Sequence[str], budget: int, most: int) -> list[ManyRead]:

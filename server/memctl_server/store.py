@@ -508,6 +508,29 @@ class SpillBuffer(zict.Buffer[str, Held]):
                 found.append(held_parts(held))
         return found
 
+    def insert_many(self, records: Sequence[tuple[str, Record]]) -> list[bool]:
+        """``insert`` for a batch: whether each key is new. Values for RAM go in under
+        one lock, without a lookup per key in the disk tier; one heavier than the
+        target, or replacing a value on disk, goes in alone."""
+        alone = {k for k, r in records if r.size > self.n or k in self.slow.files}
+        news = {k: k not in self.slow.files for k in alone}
+        for key, record in records:
+            if key in alone:
+                self.insert(key, record)
+        fast = self.fast
+        with fast.lock:
+            d = fast.d
+            for key, record in records:
+                if key in alone:
+                    continue
+                old = d.pop(key, None)
+                if old is not None:
+                    fast.total_weight -= held_size(key, old)
+                d[key] = hold(record)
+                fast.total_weight += record.size
+                news.setdefault(key, old is None)
+        return [news[key] for key, _ in records]
+
     def insert(self, key: str, value: Held) -> None:
         """Store a value in RAM without spilling others to make room: ``settle`` does
         that, after the Put has been answered. A value heavier than the target goes
