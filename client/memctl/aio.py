@@ -37,14 +37,16 @@ class AsyncClient(ClientBase):
     async def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
         requests = _base.put_requests(key, data, metadata)
         with rpc_errors(self.address, key):
-            response = await self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
+            response = await _base.put_call(self._channel)(
+                requests, timeout=self.timeout, metadata=self.metadata
+            )
         return _base.put_result(response)
 
     async def get_value(self, key: str) -> StoredValue:
         _base.check_key(key)
         assembler = _base.GetAssembler(key)
         with rpc_errors(self.address, key):
-            async for message in self._stub.Get(
+            async for message in _base.get_call(self._channel)(
                 pb.GetRequest(key=key), timeout=self.timeout, metadata=self.metadata
             ):
                 assembler.feed(message)

@@ -58,7 +58,9 @@ class Client(ClientBase):
         """Store ``data`` under ``key``; atomic: readers see the old value or the new."""
         requests = _base.put_requests(key, data, metadata)
         with rpc_errors(self.address, key):
-            response = self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
+            response = _base.put_call(self._channel)(
+                requests, timeout=self.timeout, metadata=self.metadata
+            )
         return _base.put_result(response)
 
     def get_value(self, key: str) -> StoredValue:
@@ -66,7 +68,7 @@ class Client(ClientBase):
         _base.check_key(key)
         assembler = _base.GetAssembler(key)
         with rpc_errors(self.address, key):
-            for message in self._stub.Get(
+            for message in _base.get_call(self._channel)(
                 pb.GetRequest(key=key), timeout=self.timeout, metadata=self.metadata
             ):
                 assembler.feed(message)
