@@ -15,8 +15,8 @@ from typing import Any
 import crc32c
 import grpc
 
+from . import chunks
 from .auth import AUTHORIZATION_METADATA_KEY, CLIENT_METADATA_KEY, SCOPE_METADATA_KEY, TokenSource
-from .chunks import chunk_payload, encode_chunk, unfilled_bytes
 from .errors import DataLoss, InvalidArgument, MemctlError, translate
 from .protocol import CHUNK_SIZE, SESSION_METADATA_KEY, key_problem, metadata_problem
 from .results import EvictResult, PutResult, StoredValue, TrimResult, location_name
@@ -74,7 +74,7 @@ def _put_stream(key: str, view: memoryview, metadata: bytes) -> Iterator[bytes]:
     header = pb.PutHeader(key=key, size=view.nbytes, metadata=metadata, crc32c=crc)
     yield pb.PutRequest(header=header).SerializeToString()
     for start in range(0, view.nbytes, CHUNK_SIZE):
-        yield encode_chunk(view[start : start + CHUNK_SIZE])
+        yield chunks.encode_chunk(view[start : start + CHUNK_SIZE])
 
 
 _SERVICE = "/" + pb.DESCRIPTOR.services_by_name["MemctlService"].full_name
@@ -102,7 +102,7 @@ def put_result(response: pb.PutResponse) -> PutResult:
 def get_message(raw: bytes) -> pb.GetResponse | memoryview:
     """``get_call``'s response deserializer: a chunk's payload as a view of the bytes
     received, anything else as a message."""
-    payload = chunk_payload(raw)
+    payload = chunks.chunk_payload(raw)
     return pb.GetResponse.FromString(raw) if payload is None else payload
 
 
@@ -123,7 +123,7 @@ class GetAssembler:
             self._add(message)
         elif message.WhichOneof("kind") == "header":
             self.header = message.header
-            self._value, self._view = unfilled_bytes(self.header.size)
+            self._value, self._view = chunks.unfilled_bytes(self.header.size)
         else:
             self._add(memoryview(message.chunk))
 

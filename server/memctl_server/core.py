@@ -21,8 +21,8 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import psutil
 
+import memctl.chunks
 from memctl import __version__
-from memctl.chunks import unfilled_bytes
 from memctl.protocol import SERVICE_SCOPE, key_problem, metadata_problem
 from memctl.results import TrimResult
 from memctl.sizes import format_bytes
@@ -650,7 +650,7 @@ async def _receive(request: PutRequest, chunks: AsyncIterator[Value]) -> tuple[b
     """Collect a value bound for RAM as its chunks arrive, each written into one buffer
     of the declared size (room for which ``Scope.route`` reserved; its pages are taken
     only as bytes arrive) and checksummed while it is fresh in the cache."""
-    data, view = unfilled_bytes(request.size)
+    data, view = memctl.chunks.unfilled_bytes(request.size)
     received, crc = 0, 0
     try:
         async for chunk in chunks:

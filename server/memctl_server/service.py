@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
+from memctl import chunks
 from memctl.auth import SCOPE_METADATA_KEY
-from memctl.chunks import encode_chunk
 from memctl.protocol import CHUNK_SIZE, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
@@ -150,7 +150,7 @@ def _chunks(*pieces: bytes | bytearray | memoryview) -> Iterator[bytes]:
     for piece in pieces:
         view = memoryview(piece).cast("B")
         for start in range(0, view.nbytes, CHUNK_SIZE):
-            yield encode_chunk(view[start : start + CHUNK_SIZE])
+            yield chunks.encode_chunk(view[start : start + CHUNK_SIZE])
 
 
 class MemctlServicer(pb_grpc.MemctlServiceServicer):
