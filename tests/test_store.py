@@ -35,7 +35,7 @@ def rec(data: bytes) -> Record:
 
 def on_disk(key: str, body: int) -> int:
     """Bytes a spill file of ``body`` raw bytes takes for ``key``."""
-    return header_length("service", key, b"") + body
+    return header_length("service", key, b"", body) + body
 
 
 def test_lru_order_decides_what_spills(tmp_path: Path) -> None:

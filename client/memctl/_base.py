@@ -10,11 +10,12 @@ import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import crc32c
 import grpc
 
+from . import chunks
 from .auth import AUTHORIZATION_METADATA_KEY, CLIENT_METADATA_KEY, SCOPE_METADATA_KEY, TokenSource
 from .errors import DataLoss, InvalidArgument, MemctlError, from_failure, translate
 from .protocol import (
@@ -63,9 +64,9 @@ def keys_list(keys: str | Iterable[str]) -> list[str]:
     return result
 
 
-def put_requests(key: str, data: Buffer, metadata: bytes) -> Iterator[pb.PutRequest]:
-    """The Put stream: header, then ~1 MiB chunks made as sent. Checks the input now,
-    before any call is made."""
+def put_requests(key: str, data: Buffer, metadata: bytes) -> Iterator[bytes]:
+    """The Put stream, encoded for ``put_call``: the header, then chunks made as sent.
+    Checks the input now, before any call is made."""
     check_key(key)
     problem = metadata_problem(metadata)
     if problem:
@@ -73,14 +74,32 @@ def put_requests(key: str, data: Buffer, metadata: bytes) -> Iterator[pb.PutRequ
     return _put_stream(key, memoryview(data).cast("B"), metadata)
 
 
-def _put_stream(key: str, view: memoryview, metadata: bytes) -> Iterator[pb.PutRequest]:
-    # The checksum lets the service refuse a value damaged on the way (DATA_LOSS).
+def _put_stream(key: str, view: memoryview, metadata: bytes) -> Iterator[bytes]:
+    # The checksum lets the service refuse a value damaged on the way (DATA_LOSS). The
+    # header carries it, so it takes a pass of its own before the first chunk.
     crc = crc32c.crc32c(view)
-    yield pb.PutRequest(
-        header=pb.PutHeader(key=key, size=view.nbytes, metadata=metadata, crc32c=crc)
-    )
+    header = pb.PutHeader(key=key, size=view.nbytes, metadata=metadata, crc32c=crc)
+    yield pb.PutRequest(header=header).SerializeToString()
     for start in range(0, view.nbytes, CHUNK_SIZE):
-        yield pb.PutRequest(chunk=bytes(view[start : start + CHUNK_SIZE]))
+        yield chunks.encode_chunk(view[start : start + CHUNK_SIZE])
+
+
+_SERVICE = "/" + pb.DESCRIPTOR.services_by_name["MemctlService"].full_name
+
+
+def put_call(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """Put on ``channel``, sending ``put_requests``' encoded messages as they are
+    (the generated stub would want messages to serialize)."""
+    return channel.stream_unary(f"{_SERVICE}/Put", response_deserializer=pb.PutResponse.FromString)
+
+
+def get_call(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """Get on ``channel``, its chunks decoded by ``get_message``."""
+    return channel.unary_stream(
+        f"{_SERVICE}/Get",
+        request_serializer=pb.GetRequest.SerializeToString,
+        response_deserializer=get_message,
+    )
 
 
 def is_inline(data: Buffer) -> bool:
@@ -189,21 +208,44 @@ def put_result(response: pb.PutResponse) -> PutResult:
     return PutResult(response.key, response.size, location_name(response.location))
 
 
+def get_message(raw: bytes) -> pb.GetResponse | memoryview:
+    """``get_call``'s response deserializer: a chunk's payload as a view of the bytes
+    received, anything else as a message."""
+    payload = chunks.chunk_payload(raw)
+    return pb.GetResponse.FromString(raw) if payload is None else payload
+
+
 class GetAssembler:
-    """Collects a Get stream into a value, checking it is whole."""
+    """Collects a Get stream into a value, checking it is whole: each chunk is written
+    into one buffer of the size the header declared, and checksummed as it passes."""
 
     def __init__(self, key: str):
         self.key = key
         self.header: pb.GetHeader | None = None
-        self.chunks: list[bytes] = []
         self.received = 0
+        self._crc = 0
+        self._value = b""
+        self._view = memoryview(b"")
 
-    def feed(self, message: pb.GetResponse) -> None:
-        if message.WhichOneof("kind") == "header":
+    def feed(self, message: pb.GetResponse | memoryview) -> None:
+        if isinstance(message, memoryview):
+            self._add(message)
+        elif message.WhichOneof("kind") == "header":
             self.header = message.header
+            self._value, self._view = chunks.unfilled_bytes(self.header.size)
         else:
-            self.chunks.append(message.chunk)
-            self.received += len(message.chunk)
+            self._add(memoryview(message.chunk))
+
+    def _add(self, chunk: memoryview) -> None:
+        end = self.received + chunk.nbytes
+        if self.header is None or end > self.header.size:
+            expected = "no header" if self.header is None else f"{self.header.size} bytes"
+            raise MemctlError(
+                f"Get of {self.key!r} sent more than the service declared ({expected})"
+            )
+        self._view[self.received : end] = chunk
+        self._crc = crc32c.crc32c(chunk, self._crc)
+        self.received = end
 
     def result(self) -> StoredValue:
         """The value, only if it is whole and matches the checksum the service sent."""
@@ -212,16 +254,14 @@ class GetAssembler:
             raise MemctlError(
                 f"Get of {self.key!r} ended early ({self.received} of {expected} bytes)"
             )
-        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks.clear()
-        crc = crc32c.crc32c(data)
-        if crc != self.header.crc32c:
+        self._view.release()
+        if self._crc != self.header.crc32c:
             raise DataLoss(
-                f"Get of {self.key!r}: the bytes received have CRC32C {crc:#010x}, the "
+                f"Get of {self.key!r}: the bytes received have CRC32C {self._crc:#010x}, the "
                 f"service sent {self.header.crc32c:#010x}; they were damaged on the way, "
                 "read the value again"
             )
-        return StoredValue(data, self.header.metadata, location_name(self.header.location))
+        return StoredValue(self._value, self.header.metadata, location_name(self.header.location))
 
 
 def evict_request(keys: str | Iterable[str] | None, nbytes: int | None) -> pb.EvictRequest:

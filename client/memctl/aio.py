@@ -47,7 +47,9 @@ class AsyncClient(ClientBase):
     async def _put_streamed(self, key: str, data: Buffer, metadata: bytes) -> PutResult:
         requests = _base.put_requests(key, data, metadata)
         with rpc_errors(self.address, key):
-            response = await self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
+            response = await _base.put_call(self._channel)(
+                requests, timeout=self.timeout, metadata=self.metadata
+            )
         return _base.put_result(response)
 
     async def put_many(
@@ -91,7 +93,7 @@ class AsyncClient(ClientBase):
     async def _get_streamed(self, key: str) -> StoredValue:
         assembler = _base.GetAssembler(key)
         with rpc_errors(self.address, key):
-            async for message in self._stub.Get(
+            async for message in _base.get_call(self._channel)(
                 pb.GetRequest(key=key), timeout=self.timeout, metadata=self.metadata
             ):
                 assembler.feed(message)

@@ -72,7 +72,9 @@ class Client(ClientBase):
     def _put_streamed(self, key: str, data: Buffer, metadata: bytes) -> PutResult:
         requests = _base.put_requests(key, data, metadata)
         with rpc_errors(self.address, key):
-            response = self._stub.Put(requests, timeout=self.timeout, metadata=self.metadata)
+            response = _base.put_call(self._channel)(
+                requests, timeout=self.timeout, metadata=self.metadata
+            )
         return _base.put_result(response)
 
     def put_many(
@@ -116,7 +118,7 @@ class Client(ClientBase):
     def _get_streamed(self, key: str) -> StoredValue:
         assembler = _base.GetAssembler(key)
         with rpc_errors(self.address, key):
-            for message in self._stub.Get(
+            for message in _base.get_call(self._channel)(
                 pb.GetRequest(key=key), timeout=self.timeout, metadata=self.metadata
             ):
                 assembler.feed(message)

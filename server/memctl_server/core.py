@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import psutil
 
+import memctl.chunks
 from memctl import __version__
 from memctl.protocol import (
     MAX_INLINE_VALUE,
@@ -64,6 +65,10 @@ logger = logging.getLogger(__name__)
 
 #: Most keys in one ListKeys page.
 MAX_PAGE = 1000
+#: Chunks of a value streamed to or from disk that one hop to the store thread writes
+#: or reads (streaming in, twice this many are held at most: one hop's being written,
+#: the next one's arriving).
+CHUNKS_PER_HOP = 4
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -346,7 +351,7 @@ class MemoryService:
                 f"than the {format_bytes(most)} this daemon takes in one value "
                 "(limits.max-value-size); split it, or raise the limit"
             )
-        header_size = header_length(scope.name, request.key, request.metadata)
+        header_size = header_length(scope.name, request.key, request.metadata, request.size)
         route = await self._reserve(scope, request.size, header_size, wait)
         try:
             if route == "memory":
@@ -511,14 +516,28 @@ class MemoryService:
     async def _stream_to_disk(
         self, scope: Scope, request: PutRequest, chunks: AsyncIterator[Value]
     ) -> None:
+        """Write a value into its spill file as it arrives, a few chunks a hop to the
+        store thread, each hop's chunks written while the next ones arrive."""
         writer: SpillWriter | None = None
         committed = False
+        writing: asyncio.Future[None] | None = None
         try:
             writer = await self._in_scope(scope, scope.open_writer, request.key, request.metadata)
             received = 0
+            batch: list[Value] = []
             async for chunk in chunks:
                 received = _check_chunk(request, received, chunk)
-                await self._on_store_thread(writer.write, chunk)
+                batch.append(chunk)
+                if len(batch) == CHUNKS_PER_HOP:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.get_running_loop().run_in_executor(
+                        self._store_thread, _write_all, writer, batch
+                    )
+                    batch = []
+            if writing is not None:
+                await writing
+            await self._on_store_thread(_write_all, writer, batch)
             _check_whole(request, received, writer.crc)
             await self._in_scope(scope, scope.adopt, request.key, writer)
             committed = True
@@ -531,10 +550,12 @@ class MemoryService:
             raise ResourceExhausted(f"Put of {request.key!r}: {exc}; nothing was stored") from None
         finally:
             if writer is not None and not committed:
+                if writing is not None:
+                    writing.cancel()  # unless running: the abort then waits for it
                 self._store_thread.submit(writer.abort)
 
     async def get(self, scope: Scope, key: str) -> ValueRead:
-        """A value for Get: whole, or a checked stream from its spill file (``read_piece``)."""
+        """A value for Get: whole, or a checked stream from its spill file (``read_pieces``)."""
         _check_key(key)
         try:
             moved = await self._in_scope(scope, _spills_during, scope, scope.read, key)
@@ -547,10 +568,11 @@ class MemoryService:
             )
         return moved.result
 
-    async def read_piece(self, scope: Scope, key: str, reader: SpillReader) -> bytes:
-        """The next piece of a value streamed from disk; DataLoss if the file is damaged."""
+    async def read_pieces(self, scope: Scope, key: str, reader: SpillReader) -> list[bytes]:
+        """The next pieces of a value streamed from disk, a few a hop to the store thread;
+        none once it is whole and checked. DataLoss if the file is damaged."""
         try:
-            return await self._on_store_thread(reader.read)
+            return await self._on_store_thread(_read_some, reader, CHUNKS_PER_HOP)
         except SpillFileDamaged as exc:
             self._store_thread.submit(reader.close)
             loss = await self._in_scope(scope, scope.lose, key, str(exc), reader.path)
@@ -815,6 +837,19 @@ def _check_chunk(request: PutRequest, received: int, chunk: Value) -> int:
     return end
 
 
+def _write_all(writer: SpillWriter, chunks: Sequence[Value]) -> None:
+    for chunk in chunks:
+        writer.write(chunk)
+
+
+def _read_some(reader: SpillReader, count: int) -> list[bytes]:
+    """Up to ``count`` pieces; fewer only at the end, once the file is checked."""
+    pieces: list[bytes] = []
+    while len(pieces) < count and (piece := reader.read()):
+        pieces.append(piece)
+    return pieces
+
+
 def _check_whole(request: PutRequest, received: int, crc: int) -> None:
     """InvalidArgument for a short stream, DataLoss for a value damaged on the way."""
     if received != request.size:
@@ -829,14 +864,21 @@ def _check_whole(request: PutRequest, received: int, crc: int) -> None:
         )
 
 
-async def _receive(request: PutRequest, chunks: AsyncIterator[Value]) -> tuple[bytearray, int]:
-    """Collect a value bound for RAM as its chunks arrive (never allocated up front)."""
-    data, crc = bytearray(), 0
-    async for chunk in chunks:
-        _check_chunk(request, len(data), chunk)
-        data += chunk
-        crc = checksum(chunk, crc)
-    _check_whole(request, len(data), crc)
+async def _receive(request: PutRequest, chunks: AsyncIterator[Value]) -> tuple[bytes, int]:
+    """Collect a value bound for RAM as its chunks arrive, each written into one buffer
+    of the declared size (room for which ``Scope.route`` reserved; its pages are taken
+    only as bytes arrive) and checksummed while it is fresh in the cache."""
+    data, view = memctl.chunks.unfilled_bytes(request.size)
+    received, crc = 0, 0
+    try:
+        async for chunk in chunks:
+            end = _check_chunk(request, received, chunk)
+            view[received:end] = chunk
+            crc = checksum(chunk, crc)
+            received = end
+    finally:
+        view.release()
+    _check_whole(request, received, crc)
     return data, crc
 
 

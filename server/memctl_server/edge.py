@@ -17,6 +17,9 @@ Two rules for every method, kept here so that no servicer method can forget them
   ``daemon.SERVER_OPTIONS`` for where gRPC itself would otherwise drop calls). A
   client is what its ``memctl-client`` call metadata names (one ``memctl.Client``),
   else its connection.
+
+Put's chunks reach the servicer as views of the bytes received and Get's leave it
+already encoded (``memctl.chunks``), so protobuf does not copy a value's bytes on the way.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from memctl.auth import CLIENT_METADATA_KEY
+from memctl.chunks import chunk_payload
 from memctl.v1 import memctl_pb2 as pb
 
 from .errors import InvalidArgument
@@ -66,9 +70,26 @@ def _deserializer(message_class: type[Message]) -> Callable[[bytes], Message | U
     return deserialize
 
 
+def _put_deserializer() -> Callable[[bytes], Message | memoryview | Undecodable]:
+    """Put's chunks as views of the bytes received (``memctl.chunks``), other messages
+    as ``_deserializer`` decodes them."""
+    deserialize = _deserializer(pb.PutRequest)
+
+    def put_message(raw: bytes) -> Message | memoryview | Undecodable:
+        payload = chunk_payload(raw)
+        return deserialize(raw) if payload is None else payload
+
+    return put_message
+
+
+def _get_serializer(message: Message | bytes) -> bytes:
+    """Get's chunks arrive encoded (``memctl.chunks``); its header is a message."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 async def _checked(
-    requests: AsyncIterator[Message | Undecodable],
-) -> AsyncIterator[Message]:
+    requests: AsyncIterator[Message | memoryview | Undecodable],
+) -> AsyncIterator[Message | memoryview]:
     async for request in requests:
         if isinstance(request, Undecodable):
             raise UndecodableMessage(request.reason)
@@ -196,13 +217,20 @@ def add_memctl_service(
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
+    # The large-value methods pass chunks through undecoded (memctl.chunks).
+    deserializers: dict[str, Callable[[bytes], Any]] = {"Put": _put_deserializer()}
+    serializers: dict[str, Callable[[Any], bytes]] = {"Get": _get_serializer}
     handlers = {}
     for method in SERVICE.methods:
         streaming = (method.client_streaming, method.server_streaming)
         handlers[method.name] = factories[streaming](
             _wrap(getattr(servicer, method.name), method.client_streaming, gate),
-            request_deserializer=_deserializer(GetMessageClass(method.input_type)),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+            request_deserializer=deserializers.get(
+                method.name, _deserializer(GetMessageClass(method.input_type))
+            ),
+            response_serializer=serializers.get(
+                method.name, GetMessageClass(method.output_type).SerializeToString
+            ),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from memctl import chunks
 from memctl.auth import SCOPE_METADATA_KEY
 from memctl.protocol import CHUNK_SIZE, MESSAGE_BUDGET, SESSION_METADATA_KEY
 from memctl.v1 import memctl_pb2 as pb
@@ -178,21 +179,28 @@ def inline_values(request: pb.PutManyRequest) -> list[InlineValue]:
     ]
 
 
-async def _chunks_of(key: str, messages: AsyncIterator[pb.PutRequest]) -> AsyncIterator[bytes]:
-    """The data chunks of a Put stream after its header."""
+async def _chunks_of(
+    key: str, messages: AsyncIterator[pb.PutRequest | memoryview]
+) -> AsyncIterator[memoryview]:
+    """The data chunks of a Put stream after its header (views of the bytes received)."""
     async for message in messages:
-        if message.WhichOneof("kind") != "chunk":
+        if isinstance(message, memoryview):
+            yield message
+        elif message.WhichOneof("kind") == "chunk":
+            yield memoryview(message.chunk)
+        else:
             raise InvalidArgument(
                 f"Put of {key!r}: a second header arrived; a Put stream is one header then "
                 "chunks. Nothing was stored"
             )
-        yield message.chunk
 
 
-def _chunks(value: bytes | bytearray | memoryview) -> Iterator[bytes]:
-    view = memoryview(value)
-    for start in range(0, view.nbytes, CHUNK_SIZE):
-        yield bytes(view[start : start + CHUNK_SIZE])
+def _chunks(*pieces: bytes | bytearray | memoryview) -> Iterator[bytes]:
+    """A value (in one piece, or several in order) as chunk messages, encoded as sent."""
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        for start in range(0, view.nbytes, CHUNK_SIZE):
+            yield chunks.encode_chunk(view[start : start + CHUNK_SIZE])
 
 
 class MemctlServicer(pb_grpc.MemctlServiceServicer):
@@ -234,13 +242,13 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
 
     async def Put(
         self,
-        request_iterator: AsyncIterator[pb.PutRequest],
+        request_iterator: AsyncIterator[pb.PutRequest | memoryview],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.PutResponse:
         async with _status_errors(context):
             messages = aiter(request_iterator)
             first = await anext(messages, None)
-            if first is None or first.WhichOneof("kind") != "header":
+            if not isinstance(first, pb.PutRequest) or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("a Put stream must start with a PutHeader message")
             header = first.header
             request = PutRequest(
@@ -262,9 +270,10 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
             )
         raise AssertionError("unreachable: abort raises")
 
-    async def Get(
+    # Yields chunks already encoded, which edge.py sends as they are.
+    async def Get(  # type: ignore[override]
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.GetResponse]:
+    ) -> AsyncIterator[pb.GetResponse | bytes]:
         async with _status_errors(context):
             scope = self._scope(context)
             read = await self.core.get(scope, request.key)
@@ -279,19 +288,22 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         )
         if read.data is not None:
             for chunk in _chunks(read.data):
-                yield pb.GetResponse(chunk=chunk)
+                yield chunk
             return
         reader = read.reader
         assert reader is not None
         try:
             async with _status_errors(context):
-                # One piece held back: the last is sent only once the file has been
+                # One chunk held back: the last is sent only once the file has been
                 # checked whole, so a damaged value never reaches a client complete.
-                piece = await self.core.read_piece(scope, request.key, reader)
-                while piece:
-                    following = await self.core.read_piece(scope, request.key, reader)
-                    yield pb.GetResponse(chunk=piece)
-                    piece = following
+                held: bytes | None = None
+                while pieces := await self.core.read_pieces(scope, request.key, reader):
+                    for chunk in _chunks(*pieces):
+                        if held is not None:
+                            yield held
+                        held = chunk
+                if held is not None:
+                    yield held
         finally:
             self.core.close_reader(reader)
 

@@ -245,17 +245,18 @@ class Slow(MutableMapping[str, Held]):
         started = time.perf_counter()
         record = unpack(value)
         try:
-            writer = self.open_writer(key, record.metadata)
-            writer.write(record.data)
             # The checksum taken when the value arrived, not one of the bytes as they are
             # now: a value damaged while in RAM is then caught when it is read back.
-            header, disk_size = writer.commit(crc=record.crc)
+            writer = self.open_writer(key, record.metadata, crc=record.crc)
+            writer.write(record.data)
+            header, disk_size = writer.commit()
             self.adopt(key, OnDisk(writer.path, disk_size, header))
         finally:
             self.seconds += time.perf_counter() - started
 
-    def open_writer(self, key: str, metadata: bytes) -> SpillWriter:
-        """A writer for a value streamed straight to disk; ``adopt`` its result."""
+    def open_writer(self, key: str, metadata: bytes, crc: int | None = None) -> SpillWriter:
+        """A writer for a value streamed straight to disk (``adopt`` its result), or
+        spilled from RAM with its ``crc``."""
         return SpillWriter(
             self._ensure_directory(),
             file_stem(key),
@@ -263,6 +264,7 @@ class Slow(MutableMapping[str, Held]):
             key=key,
             metadata=metadata,
             compression=self.compression,
+            crc=crc,
         )
 
     def adopt(self, key: str, on_disk: OnDisk) -> None:
