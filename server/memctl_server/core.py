@@ -792,7 +792,9 @@ def _put_in_ram(scope: Scope, items: Sequence[InlineValue]) -> list[Route] | Non
 def _put_batch(scope: Scope, items: Sequence[InlineValue]) -> list[Route] | None:
     """Store every item if there is room for them all (store thread); None if not."""
     size = sum(len(item.data) for item in items)
-    header_size = sum(header_length(scope.name, item.key, item.metadata) for item in items)
+    header_size = sum(
+        header_length(scope.name, item.key, item.metadata, len(item.data)) for item in items
+    )
     route = scope.route(size, header_size)
     if route is None:
         return None
