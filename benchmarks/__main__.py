@@ -56,7 +56,7 @@ WORKLOADS: list[Workload] = [
     Workload("batch", "benchmarks.data_plane:run_batch", "500 values per call"),
     Workload("large", "benchmarks.data_plane:run_large", "256 MiB values in RAM"),
     Workload("spill", "benchmarks.data_plane:run_spill", "4x the memory limit via disk"),
-    # 6, control: Workload("control", "benchmarks.control:run_control", ...), written apart
+    Workload("control", "benchmarks.control:run_control", "PAUSE latency, 1-64 workers"),
     Workload("scale", "benchmarks.scale:run_scale", "1,000,000 small keys"),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
 
@@ -55,3 +56,24 @@ def two_tier(label: str) -> TwoTierDict:
     if label != "from-config":
         raise ValueError("store.kwargs did not arrive")
     return TwoTierDict(label)
+
+
+class HeldEvictDict(TwoTierDict):
+    """A store whose evict() holds the store thread until ``RELEASE`` is set: a spill
+    that lasts as long as a test needs (the daemon runs in the test's process)."""
+
+    #: Set once an evict() has started.
+    EVICTING = threading.Event()
+    RELEASE = threading.Event()
+    #: evict() calls so far.
+    calls = 0
+
+    def evict(self) -> int:
+        HeldEvictDict.calls += 1
+        self.EVICTING.set()
+        self.RELEASE.wait(60)
+        return super().evict()
+
+
+def held_evict() -> HeldEvictDict:
+    return HeldEvictDict()

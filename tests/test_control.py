@@ -39,10 +39,10 @@ INTERVAL = 0.2  # the default memory.monitor-interval
 class GrowerProcess:
     """An interactive grower: commands in on stdin, JSON events out on stdout."""
 
-    def __init__(self, address: str, worker_id: str, limit: str):
+    def __init__(self, address: str, worker_id: str, limit: str, *flags: str):
         env = {**os.environ, "MEMCTL_ADDRESS": address, "MALLOC_TRIM_THRESHOLD_": "65536"}
         self.process = subprocess.Popen(
-            [sys.executable, str(GROWER), worker_id, limit],
+            [sys.executable, str(GROWER), worker_id, limit, *flags],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -99,11 +99,11 @@ class GrowerProcess:
 
 
 @pytest.fixture
-def growers() -> Iterator[Callable[[str, str, str], GrowerProcess]]:
+def growers() -> Iterator[Callable[..., GrowerProcess]]:
     started: list[GrowerProcess] = []
 
-    def start(address: str, worker_id: str, limit: str) -> GrowerProcess:
-        grower = GrowerProcess(address, worker_id, limit)
+    def start(address: str, worker_id: str, limit: str, *flags: str) -> GrowerProcess:
+        grower = GrowerProcess(address, worker_id, limit, *flags)
         started.append(grower)
         return grower
 
@@ -118,7 +118,7 @@ def scope(client: Client, name: str) -> Any:
 
 
 def test_pause_resume_terminate_a_real_worker(
-    daemon: Daemon, growers: Callable[[str, str, str], GrowerProcess]
+    daemon: Daemon, growers: Callable[..., GrowerProcess]
 ) -> None:
     limit = 200 * MiB
     worker = growers(daemon.address, "grower", "200MiB")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memctl_server.engine import (
     Decision,
@@ -18,6 +20,7 @@ from memctl_server.engine import (
     Terminate,
     Thresholds,
     decide,
+    watch_lines,
 )
 from memctl_server.readings import MemoryReadings
 
@@ -203,3 +206,75 @@ def test_pause_timeout_restarts_only_supervised_workers() -> None:
             assert "pause-timeout" in terminate.reason and memo2.terminating
         else:
             assert Terminate not in kinds(decisions)
+
+
+fraction = st.one_of(st.just(False), st.floats(0.05, 1.5), st.sampled_from([0.7, 0.75, 0.8]))
+
+
+@st.composite
+def near_a_line(draw: st.DrawFn, thresholds: Thresholds) -> int:
+    """Any reading, or one within a byte of a line, where an off-by-one would show."""
+    fractions = [f for f in vars(thresholds).values() if f is not False]
+    if thresholds.pause is not False:
+        fractions.append(max(thresholds.pause - SETTINGS.resume_margin, 0.0))
+    if not fractions or draw(st.booleans()):
+        return draw(st.integers(0, 3 * LIMIT))
+    line = int(draw(st.sampled_from(fractions)) * LIMIT)
+    return max(line + draw(st.integers(-1, 2)), 0)
+
+
+@settings(max_examples=300)
+@given(
+    data=st.data(),
+    thresholds=st.builds(Thresholds, fraction, fraction, fraction, fraction),
+    managed=st.integers(0, 3 * LIMIT),
+    memo=st.builds(ScopeMemo, st.booleans(), st.booleans(), st.none(), st.booleans()),
+    commandable=st.booleans(),
+    is_worker=st.booleans(),
+)
+def test_watch_lines_are_where_decide_commands_or_starts_spilling(
+    data: st.DataObject,
+    thresholds: Thresholds,
+    managed: int,
+    memo: ScopeMemo,
+    commandable: bool,
+    is_worker: bool,
+) -> None:
+    """A worker reporting its RSS is decided on at once exactly when its reading
+    crosses the lines: never too late, and no evaluation for nothing."""
+    process = data.draw(near_a_line(thresholds))
+    scope = worker(
+        process,
+        min(managed, process),
+        thresholds=thresholds,
+        commandable=commandable,
+        is_worker=is_worker,
+    )
+    decisions, after = run(scope, memo)
+    commands = [d for d in decisions if isinstance(d, Pause | Resume | Terminate)]
+    acted = bool(commands) or (after.spilling and not memo.spilling)
+    lines = watch_lines(scope, memo, SETTINGS)
+    assert lines.crossed(scope.readings.process) == acted
+    assert list(lines.above) == sorted(lines.above)
+
+
+def test_watch_lines_follow_the_memo() -> None:
+    running = watch_lines(worker(process=0), ScopeMemo(), SETTINGS)
+    assert running.above == (700, 800, 950) and running.below is None
+    paused = watch_lines(worker(process=0), ScopeMemo(spilling=True, paused=True), SETTINGS)
+    assert paused.above == (950,) and paused.below == 750
+    assert watch_lines(worker(process=0, memory_limit=None), ScopeMemo(), SETTINGS).above == ()
+
+
+def test_watch_lines_round_as_decide_compares() -> None:
+    # 1001 bytes: every line falls between two integers.
+    def commands(process: int, memo: ScopeMemo) -> list[type]:
+        decisions = run(worker(process=process, memory_limit=1001), memo)[0]
+        return [kind for kind in kinds(decisions) if kind in (Pause, Resume, Terminate)]
+
+    running = watch_lines(worker(process=0, memory_limit=1001), ScopeMemo(), SETTINGS)
+    assert running.above == (700, 800, 950)
+    assert commands(800, ScopeMemo()) == [] and commands(801, ScopeMemo()) == [Pause]
+    paused = ScopeMemo(spilling=True, paused=True)
+    assert watch_lines(worker(process=0, memory_limit=1001), paused, SETTINGS).below == 751
+    assert commands(751, paused) == [] and commands(750, paused) == [Resume]

@@ -119,7 +119,8 @@ def test_a_trim_from_another_client_reaches_the_worker(daemon: Daemon) -> None:
 
 def test_heartbeats_keep_a_busy_worker_attached(spawn: Callable[..., Daemon]) -> None:
     # Heartbeats do not wait for callbacks: a callback busy for longer than the
-    # heartbeat timeout does not get the worker detached.
+    # heartbeat timeout does not get the worker detached. (Reporting its RSS, the
+    # worker is kept by its heartbeats alone, not by its process being seen alive.)
     daemon = spawn(
         "--set", "control.heartbeat-interval=0.1s", "--set", "control.heartbeat-timeout=1s"
     )
@@ -128,7 +129,7 @@ def test_heartbeats_keep_a_busy_worker_attached(spawn: Callable[..., Daemon]) ->
     def busy(command: Command) -> None:
         threading.Event().wait(busy_for)
 
-    with Client(daemon.address) as client, client.attach("w1") as session:
+    with Client(daemon.address) as client, client.attach("w1", report_rss=True) as session:
         assert session.heartbeat_interval == pytest.approx(0.1)
         session.on("trim", busy)
         with Client(daemon.address) as other:

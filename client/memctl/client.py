@@ -222,7 +222,9 @@ class Client(ClientBase):
         ``memory_limit`` is "auto" (host memory * nthreads / CPUs), a byte size
         ("4 GiB", 4e9), a fraction of the host's memory (0.5), or None for no limit.
         ``pid`` defaults to this process; ``report_rss`` makes heartbeats carry this
-        process's RSS, for a worker the daemon cannot see (another PID namespace).
+        process's RSS, for a worker the daemon cannot see (another PID namespace): the
+        daemon then never reads memory by ``pid``, and the session sends the RSS at
+        once when it crosses a line the daemon acts on.
         ``resume_secret`` proves this is the worker that attached as ``worker_id``
         before (``WorkerSession.resume_secret``), to get its kept data back; a worker
         the memctl nanny started has its own in ``MEMCTL_RESUME_SECRET``, used by
@@ -247,6 +249,7 @@ class Client(ClientBase):
             nthreads=nthreads,
             memory_limit="none" if memory_limit is None else str(memory_limit),
             resume_secret=resume_secret or "",
+            report_rss=report_rss,
         )
         return WorkerSession(self, self._stub, hello, report_rss=report_rss, timeout=timeout)
 

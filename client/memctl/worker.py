@@ -8,12 +8,18 @@ own scope. A background thread holds the stream: it receives PAUSE, RESUME,
 TERMINATE and TRIM, runs the callbacks registered with ``on()``, answers each
 command with a ``CommandResult``, and hands it to ``commands()`` / ``wait_for()``.
 Heartbeats go out every ``heartbeat_interval`` seconds from gRPC's request thread,
-so a slow callback does not get the worker marked detached. When the stream breaks
-(the daemon restarted, the connection dropped) the session attaches again with the
-same hello, waiting 0.1 s, then twice as long each time, up to 5 s. Until it is
-back (``connected``), data calls may fail: ``ServiceUnavailable`` while the daemon is
-down, ``FailedPrecondition`` from a restarted daemon that does not know the old
-session id.
+so a slow callback does not get the worker marked detached. With ``report_rss=True``
+they carry the worker's RSS, the first at once; that thread also samples the RSS
+every ``RSS_SAMPLE_INTERVAL`` and sends a heartbeat as soon as it crosses one of the
+lines the service watches for (``RssWatch``: where a threshold is crossed, with the
+values the service holds for the worker counted in), so that PAUSE comes a sample
+and a round trip after the crossing instead of up to a heartbeat interval later.
+
+When the stream breaks (the daemon restarted, the connection dropped) the session
+attaches again with the same hello, waiting 0.1 s, then twice as long each time, up
+to 5 s. Until it is back (``connected``), data calls may fail: ``ServiceUnavailable``
+while the daemon is down, ``FailedPrecondition`` from a restarted daemon that does
+not know the old session id.
 
 One session per ``Client``: the session id is the client's call metadata. To attach
 several workers from one process, give each its own ``Client``.
@@ -31,7 +37,10 @@ there is no asyncio version yet.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import mmap
+import os
 import queue
 import threading
 import time
@@ -71,6 +80,8 @@ INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 #: Used when the service's Session leaves heartbeat_interval_seconds unset.
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
+#: With ``report_rss``, how often the RSS is compared with the service's lines.
+RSS_SAMPLE_INTERVAL = 0.05
 #: Seconds ``close()`` waits for the service to end the stream before cancelling it.
 CLOSE_TIMEOUT = 5.0
 #: Commands nobody has taken with ``commands()`` / ``wait_for()`` are kept up to
@@ -78,9 +89,63 @@ CLOSE_TIMEOUT = 5.0
 MAX_PENDING_COMMANDS = 1000
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class _Watch:
+    """The service's RssWatch, and where the RSS stood against it at the last sample."""
+
+    above: tuple[int, ...]
+    below: int | None
+    #: How many of ``above`` the RSS was over.
+    level: int = 0
+    #: Whether it was under ``below``.
+    under: bool = False
+
+    @classmethod
+    def from_pb(cls, watch: pb.RssWatch) -> _Watch:
+        return cls(tuple(watch.above), watch.below if watch.HasField("below") else None)
+
+    def report(self, rss: int) -> bool:
+        """Whether ``rss``, the new sample, is over more lines than the last one was,
+        or newly under ``below``: the service should hear it now."""
+        level = bisect.bisect_left(self.above, rss)  # lines strictly under rss
+        under = self.below is not None and rss < self.below
+        crossed = level > self.level or (under and not self.under)
+        self.level, self.under = level, under
+        return crossed
+
+
+class _OwnRss:
+    """This process's RSS, read every RSS_SAMPLE_INTERVAL: one ``pread`` of
+    ``/proc/self/statm`` held open (a tenth of psutil's cost), else psutil."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._process: psutil.Process | None = None
+        try:
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._process = psutil.Process()
+
+    def read(self) -> int | None:
+        try:
+            if self._process is not None:
+                return int(self._process.memory_info().rss)
+            assert self._fd is not None
+            return int(os.pread(self._fd, 256, 0).split()[1]) * mmap.PAGESIZE
+        except (OSError, IndexError, ValueError, psutil.Error):
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # What the request stream's queue carries: a message to send, a heartbeat interval
-# (float: start or change heartbeats), or None (end the stream).
-_Item = pb.AttachRequest | float | None
+# (float: start or change heartbeats), new lines to watch, or None (end the stream).
+_Item = pb.AttachRequest | float | _Watch | None
 
 
 @dataclass(frozen=True)
@@ -176,7 +241,6 @@ class WorkerSession:
         self._hello = hello
         self._report_rss = report_rss
         self._timeout = timeout
-        self._process = psutil.Process() if report_rss else None
         self._saved_metadata: Metadata = client.metadata
 
         self._cond = threading.Condition()
@@ -429,33 +493,46 @@ class WorkerSession:
 
     def _request_stream(self, requests: queue.Queue[_Item]) -> Iterator[pb.AttachRequest]:
         """The request side, consumed by gRPC's own thread: the hello, then whatever is
-        queued, and a heartbeat whenever one is due."""
+        queued, a heartbeat whenever one is due, and (reporting RSS) one as soon as the
+        RSS crosses a line of the service's RssWatch."""
         yield pb.AttachRequest(hello=self._hello)
         interval: float | None = None  # no heartbeats before the Session says how often
         due = 0.0
-        while True:
-            wait = None if interval is None else max(due - time.monotonic(), 0.0)
-            try:
-                item = requests.get(timeout=wait)
-            except queue.Empty:
-                assert interval is not None
-                due = max(due + interval, time.monotonic())
-                yield self._heartbeat()
-                continue
-            if item is None:
-                return
-            if isinstance(item, float):
-                interval, due = item, time.monotonic() + item
-                continue
-            yield item
-
-    def _heartbeat(self) -> pb.AttachRequest:
-        if self._process is None:
-            return pb.AttachRequest(heartbeat=pb.Heartbeat())
+        watch: _Watch | None = None
+        own = _OwnRss() if self._report_rss else None
         try:
-            rss = self._process.memory_info().rss
-        except psutil.Error:
-            return pb.AttachRequest(heartbeat=pb.Heartbeat())
+            while True:
+                wait = None if interval is None else max(due - time.monotonic(), 0.0)
+                if watch is not None:
+                    wait = RSS_SAMPLE_INTERVAL if wait is None else min(wait, RSS_SAMPLE_INTERVAL)
+                try:
+                    item = requests.get(timeout=wait)
+                except queue.Empty:
+                    rss = own.read() if own is not None else None
+                    crossed = watch is not None and rss is not None and watch.report(rss)
+                    if interval is not None and time.monotonic() >= due:
+                        due = max(due + interval, time.monotonic())
+                    elif not crossed:
+                        continue
+                    yield self._heartbeat(rss)
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, float):
+                    # A worker reporting its RSS reports it at once: until then the
+                    # service knows nothing of its memory.
+                    interval, due = item, time.monotonic() + (0.0 if own else item)
+                    continue
+                if isinstance(item, _Watch):
+                    watch = item
+                    continue
+                yield item
+        finally:
+            if own is not None:
+                own.close()
+
+    @staticmethod
+    def _heartbeat(rss: int | None) -> pb.AttachRequest:
         return pb.AttachRequest(heartbeat=pb.Heartbeat(rss=rss))
 
     def _install(
@@ -514,6 +591,11 @@ class WorkerSession:
                 kind = response.WhichOneof("kind")
                 if kind == "command":
                     self._handle(response.command)
+                elif kind == "rss_watch":
+                    with self._cond:
+                        requests = self._requests
+                    if requests is not None:
+                        requests.put(_Watch.from_pb(response.rss_watch))
                 elif kind == "session":  # not in the contract after the first; apply it
                     with self._cond:
                         requests = self._requests

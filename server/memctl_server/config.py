@@ -417,7 +417,8 @@ class MemoryConfig(_Section):
 class ControlConfig(_Section):
     """The worker control stream (Attach)."""
 
-    #: How often attached workers send a heartbeat.
+    #: How often attached workers send a heartbeat; one read by PID, whose process is
+    #: watched instead, only every heartbeat-timeout / 2 if that is longer.
     heartbeat_interval: _Interval = 1.0
     #: A worker silent this long is detached (its data kept), unless its process is
     #: alive on this host: a held thread delays heartbeats, not the process.

@@ -25,6 +25,12 @@ nanny started (never to a claimed PID), then SIGKILL — after the worker has ha
 ``nanny.terminate-notice`` to hear why (it answers the command, its process exits
 or its stream ends, whichever comes first).
 
+Memory: the monitor reads every worker's RSS once per tick (``measure``), by PID
+through ``ProcessRss``, unless the worker reports its own (``Hello.report_rss`` or
+heartbeats carrying it). Such a worker is sent the lines its RSS must not cross
+unreported (``RssWatch``), and a heartbeat reporting a crossing is decided on at once
+(``Evaluator.reported``), not at the next tick.
+
 Not covered here: the stream's wire I/O (``service.py``), the rules deciding
 commands (``engine.py``), the processes themselves (``nanny.py``).
 """
@@ -37,6 +43,7 @@ import hmac
 import itertools
 import json
 import logging
+import mmap
 import os
 import secrets
 import time
@@ -51,7 +58,7 @@ from memctl.auth import RESUME_SECRET_VARIABLE
 from memctl.protocol import SERVICE_SCOPE
 
 from .core import MemoryService
-from .engine import ScopeMemo
+from .engine import Lines, ScopeMemo
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .limits import resolve_memory_limit
 from .readings import MemoryReadings
@@ -67,6 +74,9 @@ MAX_RSS = 1 << 50
 MAX_NTHREADS = 65536
 MAX_MEMORY_LIMIT_TEXT = 64
 MAX_RESUME_SECRET_BYTES = 256
+#: An RssWatch goes out again only when a line moved by more than this fraction of
+#: the limit (values put or spilled move the lines, in RSS terms, at every tick).
+WATCH_SLACK = 0.01
 
 
 def check_rss(value: int, what: str) -> None:
@@ -88,6 +98,18 @@ class Supervisor(Protocol):
     async def terminate(self, worker_id: str, reason: str, heard: asyncio.Event) -> None: ...
 
 
+class Evaluator(Protocol):
+    """What the control plane asks of the monitor (``monitor.Monitor``)."""
+
+    def attached(self, scope: Scope) -> None:
+        """A worker that reports its own RSS attached: work out its lines."""
+        ...
+
+    def reported(self, scope: Scope) -> None:
+        """A heartbeat brought the worker's RSS: decide now if it crossed a line."""
+        ...
+
+
 @dataclass(frozen=True)
 class Command:
     """A command on its way to a worker; ``service.py`` encodes it."""
@@ -97,6 +119,15 @@ class Command:
     reason: str
     readings: MemoryReadings | None
     memory_limit: int | None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """An ``RssWatch`` on its way: report RSS above each of ``above``, or below
+    ``below``, at once."""
+
+    above: tuple[int, ...]
+    below: int | None
 
 
 @dataclass
@@ -122,18 +153,22 @@ class Session:
     resume_secret: str = ""
     #: The client it attached from (``edge.client_of``), for per-client limits.
     client: str = ""
-    #: Commands to send; None ends the stream (the service is shutting down).
-    outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
+    #: Commands and watches to send; None ends the stream (the service is shutting down).
+    outbox: asyncio.Queue[Command | Watch | None] = field(default_factory=asyncio.Queue)
     #: Who holds this worker paused: "own" (its scope) and/or "service".
     paused_by: set[str] = field(default_factory=set)
     #: Commands sent and not yet answered, by id.
     pending: dict[int, Sent] = field(default_factory=dict)
     #: The hello's process's start time, if this service can see that process.
     started: float | None = None
-    #: A heartbeat carried the worker's own RSS: it lives where its PID means nothing here.
+    #: The worker reports its own RSS: it lives where its PID means nothing here.
     reports_rss: bool = False
     #: Silent past the heartbeat timeout, and kept because its process is alive.
     silent: bool = False
+    #: Reads the RSS of the hello's process, while the worker does not report its own.
+    rss: ProcessRss | None = None
+    #: The last RssWatch sent.
+    watched: Watch | None = None
 
 
 def process_started(pid: int) -> float | None:
@@ -147,6 +182,60 @@ def process_started(pid: int) -> float | None:
         return None
 
 
+class ProcessRss:
+    """One process's RSS, read as often as the monitor ticks, from that process only.
+
+    On Linux, ``/proc/PID/statm`` stays open and each reading is one ``pread``: no
+    path lookup and no psutil object per reading. The open file belongs to the
+    process it was opened for: once that one is gone its reads fail, whoever gets
+    the PID next. Elsewhere psutil reads it, checking the start time every time.
+    """
+
+    PROC = os.path.isdir("/proc/self")
+
+    def __init__(self, fd: int | None, process: psutil.Process | None):
+        self._fd, self._process = fd, process
+
+    @classmethod
+    def open(cls, pid: int, started: float) -> ProcessRss | None:
+        """A reader for process ``pid``, if it is the one that started at ``started``."""
+        if not cls.PROC:
+            try:
+                process = psutil.Process(pid)
+                same = process.create_time() == started
+            except psutil.Error:
+                return None
+            return cls(None, process) if same else None
+        try:
+            fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        # Checked after opening: the file is this process's, not one that had the PID.
+        if process_started(pid) != started:
+            os.close(fd)
+            return None
+        return cls(fd, None)
+
+    def read(self) -> int | None:
+        """RSS in bytes; None once the process is gone (a zombie reads 0)."""
+        if self._fd is None:
+            assert self._process is not None
+            try:  # is_running() compares the start time: False for a reused PID
+                running = self._process.is_running()
+                return int(self._process.memory_info().rss) if running else None
+            except psutil.Error:
+                return None
+        try:
+            return int(os.pread(self._fd, 256, 0).split()[1]) * mmap.PAGESIZE
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def alive_without_heartbeats(pid: int, started: float | None, reports_rss: bool) -> bool:
     """Whether a silent worker is still known alive: its process, seen here at hello,
     is still running (not a zombie, not another process that reused the PID).
@@ -156,6 +245,14 @@ def alive_without_heartbeats(pid: int, started: float | None, reports_rss: bool)
     where its PID names some other process here).
     """
     return not reports_rss and started is not None and process_started(pid) == started
+
+
+def _moved(old: Watch, new: Watch, slack: float) -> bool:
+    """Whether a line appeared, went, or moved by more than ``slack`` bytes."""
+    if len(old.above) != len(new.above) or (old.below is None) != (new.below is None):
+        return True
+    pairs = [*zip(old.above, new.above, strict=True), (old.below or 0, new.below or 0)]
+    return any(abs(a - b) > slack for a, b in pairs)
 
 
 def _digest(secret: str) -> str:
@@ -220,6 +317,8 @@ class ControlPlane:
         self.retention = retention
         self.max_sessions_per_client = max_sessions_per_client
         self.supervisor = supervisor
+        #: The monitor, once the daemon has started it.
+        self.evaluator: Evaluator | None = None
         self.identities = Identities(identity_file)
         self.attached: dict[str, Session] = {}
         self._sessions_by_client: Counter[str] = Counter()
@@ -264,6 +363,7 @@ class ControlPlane:
         *,
         resume_secret: str = "",
         client: str = "",
+        report_rss: bool = False,
     ) -> Session:
         """Open a session for a hello; errors say what to change."""
         size = len(worker_id.encode("utf-8"))
@@ -316,7 +416,7 @@ class ControlPlane:
         # Attached last: each assignment publishes the scope's view, and no reader
         # should see the new session with the old one's memo (say, terminating).
         scope.memo = ScopeMemo()  # a new session starts running
-        scope.pid, scope.reported_rss = pid, None
+        scope.pid, scope.reported_rss, scope.measured_rss = pid, None, None
         scope.supervised = supervised
         scope.attached, scope.detached_since = True, None
         session = Session(
@@ -330,8 +430,15 @@ class ControlPlane:
             client=client,
         )
         self._sessions_by_client[client] += 1
+        session.reports_rss = report_rss
         session.started = process_started(pid)
+        if not report_rss and session.started is not None:
+            session.rss = ProcessRss.open(pid, session.started)
+            if session.rss is not None:
+                scope.measured_rss = session.rss.read()
         self.attached[worker_id] = session
+        if report_rss and self.evaluator is not None:
+            self.evaluator.attached(scope)
         if self.service_paused:
             session.paused_by.add("service")
             self._send(session, "pause", "the service scope is paused", None)
@@ -345,15 +452,68 @@ class ControlPlane:
         )
         return session
 
+    def heartbeat_interval_of(self, session: Session) -> float:
+        """How often a worker is to send heartbeats: ``heartbeat-interval`` when they
+        are how the service knows it is alive (and, reporting, how large); a worker
+        read by PID, whose process is watched here instead, only often enough to
+        stay clear of the heartbeat timeout: 64 such workers every second cost the
+        idle daemon 4% of a core, most of it in gRPC, for nothing."""
+        if session.rss is None:
+            return self.heartbeat_interval
+        return max(self.heartbeat_interval, self.heartbeat_timeout / 2)
+
     def heartbeat(self, session: Session, rss: int | None) -> None:
-        """Note a heartbeat; an impossible RSS is refused and changes nothing."""
+        """Note a heartbeat; an impossible RSS is refused and changes nothing. A
+        reported RSS that crosses a line is decided on now."""
         if rss is not None:
             check_rss(rss, "Heartbeat.rss")
         session.scope.reported_rss = rss
-        session.reports_rss = session.reports_rss or rss is not None
         if session.silent:
             session.silent = False
             logger.info("Worker %r sends heartbeats again", session.worker_id)
+        if rss is None:
+            return
+        if not session.reports_rss:  # a client that did not say so in its hello
+            session.reports_rss = True
+            self._close_rss(session)
+            session.scope.measured_rss = None
+            if self.evaluator is not None:
+                self.evaluator.attached(session.scope)
+        if self.evaluator is not None:
+            self.evaluator.reported(session.scope)
+
+    def measure(self) -> None:
+        """Read the RSS of every worker measured by PID, and publish it on its scope
+        for the tick, Status and metrics (the monitor, once per tick)."""
+        for session in self.attached.values():
+            if session.rss is not None:
+                session.scope.measured_rss = session.rss.read() or 0
+
+    @staticmethod
+    def _close_rss(session: Session) -> None:
+        if session.rss is not None:
+            session.rss.close()
+            session.rss = None
+
+    def reports_rss(self, scope: Scope) -> bool:
+        """Whether the scope's worker is attached and reports its own RSS."""
+        session = self.attached.get(scope.name)
+        return session is not None and session.reports_rss
+
+    def watch(self, scope: Scope, lines: Lines) -> None:
+        """Tell a worker reporting its RSS where ``lines`` (process memory) are in
+        terms of its RSS, if they moved since it was last told."""
+        session = self.attached.get(scope.name)
+        if session is None or not session.reports_rss:
+            return
+        managed = scope.sizes.managed
+        above = tuple(max(line - managed, 0) for line in lines.above)
+        below = None if lines.below is None or lines.below <= managed else lines.below - managed
+        watch = Watch(above, below)
+        slack = WATCH_SLACK * (scope.memory_limit or 0)
+        if session.watched is None or _moved(session.watched, watch, slack):
+            session.watched = watch
+            session.outbox.put_nowait(watch)
 
     def silence(self, session: Session, silent_for: float) -> str | None:
         """Why to detach a worker not heard from for ``silent_for`` seconds, or None to
@@ -382,6 +542,7 @@ class ControlPlane:
         """The stream ended: keep the scope and its data for ``retention``."""
         for sent in session.pending.values():
             sent.heard.set()  # nothing more will reach the worker on this stream
+        self._close_rss(session)
         if self.attached.get(session.worker_id) is not session:
             return
         self._sessions_by_client[session.client] -= 1
@@ -390,7 +551,7 @@ class ControlPlane:
         del self.attached[session.worker_id]
         scope = session.scope
         scope.attached, scope.detached_since = False, time.monotonic()
-        scope.reported_rss = None
+        scope.reported_rss = scope.measured_rss = None
         logger.info(
             "Worker %r detached (%s); its %d values are kept for %.0f s",
             session.worker_id,

@@ -52,7 +52,6 @@ from .scopes import (
     Route,
     Scope,
     ScopeKind,
-    ScopeState,
     ScopeStore,
     StoreSizes,
     ValueRead,
@@ -128,6 +127,8 @@ class MemoryService:
         self.settings = settings
         self.started = time.monotonic()
         self.process = psutil.Process()
+        #: This daemon's RSS as the monitor last read it.
+        self.service_rss = int(self.process.memory_info().rss)
         self.budget = SpillBudget(settings.max_spill)
         self.events = EventLog()
         self.pipeline = PipelineCounts()
@@ -652,15 +653,18 @@ class MemoryService:
         return deleted
 
     # --- readings -----------------------------------------------------------------------
-    def rss(self) -> int:
-        return int(self.process.memory_info().rss)
+    def measure(self) -> None:
+        """Read this daemon's RSS and publish it (the monitor, once per tick)."""
+        self.service_rss = int(self.process.memory_info().rss)
 
     def snapshot(self, *, record: bool = False) -> list[ScopeSnapshot]:
-        """Every scope's readings now, the service scope first.
+        """Every scope's readings as last measured, the service scope first.
 
         Any thread: touches only published data (``scope_list``, each scope's
-        ``sizes``). ``record`` (the monitor's tick, on the event loop) also feeds the
-        samples behind "unmanaged"; Status and metrics only look.
+        ``sizes`` and RSS): no process is measured here, so Status and metrics cost
+        the same however many workers there are. ``record`` (the monitor's tick, on
+        the event loop) also feeds the samples behind "unmanaged"; Status and
+        metrics only look.
         """
         now, scopes = time.monotonic(), self.scope_list
         sizes = [scope.sizes for scope in scopes]
@@ -694,13 +698,16 @@ class MemoryService:
         workers = sum(
             s.managed for other, s in zip(scopes, sizes, strict=True) if other is not scope
         )
-        return max(self.rss() - workers, 0)
+        return max(self.service_rss - workers, 0)
 
-    def readings_now(self, scope: Scope) -> MemoryReadings:
-        """One scope's readings at this moment (for an event): that scope's only."""
+    def readings_now(self, scope: Scope, *, record_at: float | None = None) -> MemoryReadings:
+        """One scope's readings at this moment (for an event, or, ``record_at`` a time,
+        a decision on it alone): that scope's only."""
         scopes = self.scope_list
         size = scope.sizes
         process = self._process(scope, size, scopes, [s.sizes for s in scopes])
+        if record_at is not None:
+            return scope.record(process=process, sizes=size, now=record_at)
         return scope.readings(process=process, sizes=size)
 
     async def trim(self) -> TrimResult:
@@ -726,16 +733,12 @@ class MemoryService:
 
 
 def worker_rss(scope: Scope) -> int:
-    """A worker's RSS: what it reports, else what its PID shows, else 0 (gone)."""
-    reported, view = scope.reported_rss, scope.view
+    """A worker's RSS: what it reports, else what the monitor last read by its PID,
+    else 0 (detached, gone, or not visible here)."""
+    reported = scope.reported_rss
     if reported is not None:
         return reported
-    if view.state is ScopeState.DETACHED or view.pid <= 0:
-        return 0
-    try:
-        return int(psutil.Process(view.pid).memory_info().rss)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return 0
+    return scope.measured_rss or 0
 
 
 @dataclass(frozen=True)

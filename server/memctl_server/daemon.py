@@ -165,6 +165,7 @@ class MemctlServer:
                 ),
                 self.core.settings.monitor_interval,
             )
+            self.control.evaluator = monitor
             self._background.append(asyncio.create_task(monitor.run()))
             if config.nanny.worker:
                 self.nanny = Nanny(

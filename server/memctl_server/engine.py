@@ -18,12 +18,17 @@ and ``pause-timeout``: a supervised worker paused that long is terminated, so th
 nanny restarts it (Dask's paused workers can deadlock a cluster: #3761, #5999).
 Every decision carries its reason and the readings behind it (#2297).
 
+``watch_lines`` says, for the same scope and memo, where process memory would make
+``decide`` act: a reading that crosses them is worth deciding on at once, without
+waiting for the next tick (a worker reporting its own RSS sends it as it crosses).
+
 Not covered here: measuring memory, reaching workers, signalling processes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 from memctl.sizes import format_bytes
@@ -232,11 +237,43 @@ def decide(
                 )
             )
 
-    return decisions, replace(
-        memo,
-        spilling=spilling,
-        paused=paused,
-        paused_since=paused_since,
-        terminating=terminating,
-        stuck_reported=stuck_reported,
-    )
+    # Every field, so no replace(): this runs for every scope at every tick.
+    return decisions, ScopeMemo(spilling, paused, paused_since, terminating, stuck_reported)
+
+
+@dataclass(frozen=True)
+class Lines:
+    """Process memory (bytes) beyond which ``decide`` would act on a scope: above any
+    of ``above`` (ascending) or below ``below``; None is no line."""
+
+    above: tuple[int, ...] = ()
+    below: int | None = None
+
+    def crossed(self, process: int) -> bool:
+        return bool(self.above and process > self.above[0]) or (
+            self.below is not None and process < self.below
+        )
+
+
+def watch_lines(scope: ScopeInput, memo: ScopeMemo, settings: EngineSettings) -> Lines:
+    """The lines of ``decide`` that process memory alone can cross from here: up over
+    the spill, pause and terminate lines not yet acted on, down under the resume line
+    of a paused scope. (Not the time-based pause-timeout, nor the end of spilling,
+    which commands nothing.)"""
+    limit, t = scope.memory_limit, scope.thresholds
+    if limit is None:
+        return Lines()
+    up: list[float] = []
+    if t.spill is not False and not memo.spilling:
+        up.append(t.spill)
+    below = None
+    if t.pause is not False and scope.commandable:
+        if memo.paused:
+            below = math.ceil(max(t.pause - settings.resume_margin, 0.0) * limit)
+        else:
+            up.append(t.pause)
+    if t.terminate is not False and scope.is_worker and scope.commandable and not memo.terminating:
+        up.append(t.terminate)
+    # decide() compares an integer reading with fraction * limit: > x is > floor(x),
+    # < x is < ceil(x).
+    return Lines(tuple(sorted(int(fraction * limit) for fraction in up)), below)

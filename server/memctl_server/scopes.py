@@ -24,7 +24,7 @@ from typing import Literal, ParamSpec, Protocol, TypeVar
 
 from memctl.sizes import format_bytes
 
-from .engine import ScopeMemo, Thresholds
+from .engine import Lines, ScopeMemo, Thresholds
 from .errors import DataLoss, NotFound, ResourceExhausted
 from .persist import FoundFile, Journal
 from .readings import MemoryReadings, UnmanagedHistory
@@ -301,7 +301,12 @@ class Scope:
         self._memo = ScopeMemo()
         self.view = self._view()
         self.detached_since: float | None = None
+        #: The worker's RSS as its heartbeats report it, else as the monitor last
+        #: read it by PID (once a tick); None: neither (no worker, or not visible).
         self.reported_rss: int | None = None
+        self.measured_rss: int | None = None
+        #: Where process memory would make the engine act next (``watch_lines``).
+        self.lines = Lines()
         self.supervised = False
 
     def _view(self) -> ScopeView:

@@ -24,7 +24,7 @@ from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, Principal
-from .control import Command, ControlPlane, Session, check_rss
+from .control import Command, ControlPlane, Session, Watch, check_rss
 from .core import InlineValue, MemoryService, PutRequest, ScopeSnapshot
 from .edge import client_of, metadata_value
 from .engine import Thresholds
@@ -122,6 +122,12 @@ def command_pb(command: Command) -> pb.Command:
         readings=readings_pb(command.readings) if command.readings else None,
         memory_limit=command.memory_limit or 0,
     )
+
+
+def response_pb(item: Command | Watch) -> pb.AttachResponse:
+    if isinstance(item, Watch):
+        return pb.AttachResponse(rss_watch=pb.RssWatch(above=item.above, below=item.below))
+    return pb.AttachResponse(command=command_pb(item))
 
 
 def event_pb(event: Event) -> pb.Event:
@@ -573,6 +579,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                 hello.memory_limit,
                 resume_secret=hello.resume_secret,
                 client=client_of(context),
+                report_rss=hello.report_rss,
             )
         why = "the stream broke"
         try:
@@ -583,7 +590,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                         session_id=session.session_id,
                         memory_limit=scope.memory_limit or 0,
                         thresholds=thresholds_pb(scope.thresholds),
-                        heartbeat_interval_seconds=self.control.heartbeat_interval,
+                        heartbeat_interval_seconds=self.control.heartbeat_interval_of(session),
                         keys_kept=session.keys_kept,
                         resume_secret=session.resume_secret,
                         supervised=scope.supervised,
@@ -610,10 +617,10 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                 getter = asyncio.create_task(session.outbox.get())
                 done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    command = getter.result()
-                    if command is None:
+                    item = getter.result()
+                    if item is None:
                         return "the service is shutting down"
-                    await context.write(pb.AttachResponse(command=command_pb(command)))
+                    await context.write(response_pb(item))
                 else:
                     getter.cancel()
                 if reader in done:

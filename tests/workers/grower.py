@@ -2,10 +2,11 @@
 
 Two ways to drive it:
 
-- interactive (``python grower.py WORKER_ID LIMIT``): one command per line on stdin,
-  one JSON event per line on stdout. Commands: ``put N SIZE`` (values ``v0``…),
-  ``check N SIZE`` (get them back, compare), ``grow SIZE``, ``free SIZE``, ``exit``.
-  Every command answers ``{"event": "done", "cmd": ..., "rss": ...}``.
+- interactive (``python grower.py WORKER_ID LIMIT [--report-rss]``): one command per
+  line on stdin, one JSON event per line on stdout. Commands: ``put N SIZE`` (values
+  ``v0``…), ``check N SIZE`` (get them back, compare), ``grow SIZE``, ``free SIZE``,
+  ``exit``. Every command answers ``{"event": "done", "cmd": ..., "rss": ...}``.
+  ``--report-rss``: it reports its RSS in heartbeats, with no PID the service can read.
 - scripted (``--nanny``, as a worker started by ``memctl serve --worker``): worker id
   and address from ``MEMCTL_WORKER_ID``/``MEMCTL_ADDRESS``, the limit from
   ``GROWER_LIMIT``, events appended to the file ``GROWER_EVENTS``. The first
@@ -83,9 +84,15 @@ class Grower:
                 self.heap.pop()
 
 
-def interactive(worker_id: str, limit: str) -> None:
+def interactive(worker_id: str, limit: str, *flags: str) -> None:
     grower = Grower(None)
-    with Client() as client, client.attach(worker_id, memory_limit=limit) as session:
+    report = "--report-rss" in flags  # as from another PID namespace
+    with (
+        Client() as client,
+        client.attach(
+            worker_id, memory_limit=limit, report_rss=report, pid=0 if report else None
+        ) as session,
+    ):
         for name in ("pause", "resume", "terminate", "trim"):
             session.on(name, grower.on_command)
         grower.emit(event="attached", limit=session.memory_limit, kept=session.keys_kept)
@@ -151,4 +158,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--nanny"]:
         scripted()
     else:
-        interactive(sys.argv[1], sys.argv[2])
+        interactive(sys.argv[1], sys.argv[2], *sys.argv[3:])

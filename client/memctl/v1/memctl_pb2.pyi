@@ -887,6 +887,7 @@ class Hello(_message.Message):
     NTHREADS_FIELD_NUMBER: _builtins.int
     MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
     RESUME_SECRET_FIELD_NUMBER: _builtins.int
+    REPORT_RSS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable across restarts of the worker: re-attaching with the same id gets
     the scope and its data back.
@@ -904,6 +905,11 @@ class Hello(_message.Message):
     variable MEMCTL_RESUME_SECRET, and proves with it that it is the process
     the nanny started (only then may the service signal it).
     """
+    report_rss: _builtins.bool
+    """The worker reports its own RSS in every heartbeat (Heartbeat.rss), as from
+    another PID namespace, where `pid` names some other process: the service
+    never reads memory by `pid`, and sends RssWatch messages.
+    """
     def __init__(
         self,
         *,
@@ -912,10 +918,11 @@ class Hello(_message.Message):
         nthreads: _builtins.int = ...,
         memory_limit: _builtins.str = ...,
         resume_secret: _builtins.str = ...,
+        report_rss: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_limit", b"memory_limit", "nthreads", b"nthreads", "pid", b"pid", "resume_secret", b"resume_secret", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_limit", b"memory_limit", "nthreads", b"nthreads", "pid", b"pid", "report_rss", b"report_rss", "resume_secret", b"resume_secret", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -946,6 +953,39 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rss) -> _WhichOneofReturnType__rss | None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class RssWatch(_message.Message):
+    """RssWatch tells a worker that reports its own RSS when to send a heartbeat at
+    once, besides the periodic ones: as soon as its RSS goes above one more of
+    `above` (bytes, ascending) than at its last such report, or below `below`;
+    the service has a threshold to act on there (the bytes it holds for the
+    worker counted in). Each one replaces the one before, and starts the count
+    afresh.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ABOVE_FIELD_NUMBER: _builtins.int
+    BELOW_FIELD_NUMBER: _builtins.int
+    below: _builtins.int
+    @_builtins.property
+    def above(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        above: _abc.Iterable[_builtins.int] | None = ...,
+        below: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_below", b"_below", "below", b"below"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_below", b"_below", "above", b"above", "below", b"below"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__below: _TypeAlias = _typing.Literal["below"]  # noqa: Y015
+    _WhichOneofArgType__below: _TypeAlias = _typing.Literal["_below", b"_below"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__below) -> _WhichOneofReturnType__below | None: ...
+
+Global___RssWatch: _TypeAlias = RssWatch  # noqa: Y015
 
 @_typing.final
 class CommandResult(_message.Message):
@@ -1107,21 +1147,29 @@ class AttachResponse(_message.Message):
 
     SESSION_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    RSS_WATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def session(self) -> Global___Session: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
+    @_builtins.property
+    def rss_watch(self) -> Global___RssWatch:
+        """Only to a worker that reports its RSS (Hello.report_rss, or heartbeats
+        carrying it); again whenever its lines move.
+        """
+
     def __init__(
         self,
         *,
         session: Global___Session | None = ...,
         command: Global___Command | None = ...,
+        rss_watch: Global___RssWatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "kind", b"kind", "session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "kind", b"kind", "rss_watch", b"rss_watch", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "kind", b"kind", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "kind", b"kind", "rss_watch", b"rss_watch", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session", "command"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session", "command", "rss_watch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
