@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = [row for outcome in outcomes for row in outcome.rows]
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 120))
+    if not console.is_terminal:  # a file or a pipe: every row on one line, never wrapped
+        console = Console(width=max(console.width, 200))
     console.print(table(rows, f"memctl benchmarks ({mode}, {elapsed:.0f} s)"))
     console.print("ratio > 1: memctl does better than the peer (or meets the target)")
 

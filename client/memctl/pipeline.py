@@ -136,14 +136,29 @@ class _Stream:
         self._responses.cancel()
 
 
-class Pipeline:
-    """The blocking client's coalescing stream (see the module's docstring)."""
+class _PipelineBase:
+    """What both clients' pipelines keep: where to open streams, and with what."""
 
     def __init__(self, stub: Any, address: str, metadata: Callable[[], Metadata]):
         self._stub = stub
         self._address = address
         self._metadata = metadata
         self._ids = itertools.count(1)
+
+    def _error(self, exc: BaseException | None, key: str | None) -> Exception:
+        """The client's exception for an operation its stream could not answer."""
+        if isinstance(exc, grpc.RpcError):
+            return translate(exc, self._address, key)
+        return from_status(
+            grpc.StatusCode.UNAVAILABLE, "the operation stream closed", self._address, key
+        )
+
+
+class Pipeline(_PipelineBase):
+    """The blocking client's coalescing stream (see the module's docstring)."""
+
+    def __init__(self, stub: Any, address: str, metadata: Callable[[], Metadata]):
+        super().__init__(stub, address, metadata)
         self._stream: _Stream | None = None
         self._lock = threading.Lock()
 
@@ -189,13 +204,6 @@ class Pipeline:
         except (grpc.RpcError, _StreamClosed) as exc:
             raise self._error(exc, key) from None
         return _checked(result, self._address, key)
-
-    def _error(self, exc: BaseException, key: str | None) -> Exception:
-        if isinstance(exc, grpc.RpcError):
-            return translate(exc, self._address, key)
-        return from_status(
-            grpc.StatusCode.UNAVAILABLE, "the operation stream closed", self._address, key
-        )
 
     def close(self) -> None:
         with self._lock:
@@ -273,14 +281,11 @@ class _AsyncStream:
         self._reader.cancel()
 
 
-class AsyncPipeline:
+class AsyncPipeline(_PipelineBase):
     """The asyncio client's coalescing stream (see the module's docstring)."""
 
     def __init__(self, stub: Any, address: str, metadata: Callable[[], Metadata]):
-        self._stub = stub
-        self._address = address
-        self._metadata = metadata
-        self._ids = itertools.count(1)
+        super().__init__(stub, address, metadata)
         self._stream: _AsyncStream | None = None
 
     def _current(self) -> _AsyncStream:
@@ -312,13 +317,6 @@ class AsyncPipeline:
         except (grpc.RpcError, _StreamClosed) as exc:
             raise self._error(exc, key) from None
         return _checked(result, self._address, key)
-
-    def _error(self, exc: BaseException | None, key: str | None) -> Exception:
-        if isinstance(exc, grpc.RpcError):
-            return translate(exc, self._address, key)
-        return from_status(
-            grpc.StatusCode.UNAVAILABLE, "the operation stream closed", self._address, key
-        )
 
     def close(self) -> None:
         if self._stream is not None:
