@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .peers import Lab, PeerError
-from .report import Row, Skipped
+from .report import Row
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 
@@ -63,7 +63,7 @@ WORKLOADS: list[Workload] = [
 
 @dataclass
 class Outcome:
-    """What became of one workload: ran (with rows), skipped or failed (with why)."""
+    """What became of one workload: ran (with rows) or failed (with why)."""
 
     name: str
     status: str
@@ -115,8 +115,6 @@ def run_one(workload: Workload, quick: bool, lab: Lab) -> Outcome:
         function = workload.function()
         kwargs = {"lab": lab} if "lab" in inspect.signature(function).parameters else {}
         rows = function(quick, **kwargs)
-    except Skipped as exc:
-        return Outcome(workload.name, "skipped", time.monotonic() - start, [], str(exc))
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(exc)).strip()
         traceback.print_exc(file=sys.stderr)

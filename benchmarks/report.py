@@ -33,7 +33,3 @@ class Row:
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio}
-
-
-class Skipped(Exception):
-    """A workload that cannot run here says why (one progress line, no rows)."""
