@@ -56,6 +56,28 @@ def _deadline_error(address: str) -> MemctlError:
     return error
 
 
+def _gather(
+    first: pb.Operation, take: Callable[[], pb.Operation | None]
+) -> tuple[list[pb.Operation], pb.Operation | None, bool]:
+    """One message's operations: ``first`` and those already waiting (``take``, which
+    raises when none is), up to MAX_OPERATIONS_PER_MESSAGE and MESSAGE_BUDGET bytes.
+    Also the one that did not fit (it starts the next message), and whether the end
+    of the stream (None) was taken."""
+    operations, size = [first], first.ByteSize()
+    while len(operations) < MAX_OPERATIONS_PER_MESSAGE:
+        try:
+            following = take()
+        except (queue.Empty, asyncio.QueueEmpty):
+            break
+        if following is None:
+            return operations, None, True
+        size += following.ByteSize()
+        if size > MESSAGE_BUDGET:
+            return operations, following, False
+        operations.append(following)
+    return operations, None, False
+
+
 class _StreamClosed(Exception):
     """The stream ended, by the server or by ``close``; its operations did not run."""
 
@@ -78,24 +100,12 @@ class _Stream:
         held: pb.Operation | None = None
         while True:
             operation = held if held is not None else self._outbox.get()
-            held = None
             if operation is None:
                 return
-            operations, size = [operation], operation.ByteSize()
-            while len(operations) < MAX_OPERATIONS_PER_MESSAGE:
-                try:
-                    following = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if following is None:
-                    yield pb.PipelineRequest(operations=operations)
-                    return
-                size += following.ByteSize()
-                if size > MESSAGE_BUDGET:
-                    held = following
-                    break
-                operations.append(following)
+            operations, held, ended = _gather(operation, self._outbox.get_nowait)
             yield pb.PipelineRequest(operations=operations)
+            if ended:
+                return
 
     def _read(self) -> None:
         error: BaseException = _StreamClosed()
@@ -228,21 +238,12 @@ class _AsyncStream:
         held: pb.Operation | None = None
         while True:
             operation = held if held is not None else await self._outbox.get()
-            held = None
             if operation is None:
                 return
-            operations, size = [operation], operation.ByteSize()
-            while len(operations) < MAX_OPERATIONS_PER_MESSAGE and not self._outbox.empty():
-                following = self._outbox.get_nowait()
-                if following is None:
-                    yield pb.PipelineRequest(operations=operations)
-                    return
-                size += following.ByteSize()
-                if size > MESSAGE_BUDGET:
-                    held = following
-                    break
-                operations.append(following)
+            operations, held, ended = _gather(operation, self._outbox.get_nowait)
             yield pb.PipelineRequest(operations=operations)
+            if ended:
+                return
 
     async def _read(self) -> None:
         error: BaseException = _StreamClosed()
