@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from .peers import Lab, MemctlDaemon, RedisServer
 from .report import Row
@@ -106,12 +106,7 @@ def _memctl_threads(
     daemon: MemctlDaemon, n: int, seconds: float, value: bytes
 ) -> tuple[Sample, Sample]:
     with daemon.client() as client:
-        put = run_threads(lambda w, i: client.put(f"t{n}-{w}-{i}", value), n, seconds)
-        counts = put.counts
-        get = run_threads(
-            lambda w, i: expect(client.get(f"t{n}-{w}-{i % counts[w]}"), KIB), n, seconds
-        )
-    return put, get
+        return _threads(client.put, client.get, n, seconds, value)
 
 
 def _redis_threads(
@@ -119,32 +114,30 @@ def _redis_threads(
 ) -> tuple[Sample, Sample]:
     redis = server.client(connections=n)
     try:
-        put = run_threads(lambda w, i: redis.set(f"t{n}-{w}-{i}", value), n, seconds)
-        counts = put.counts
-        get = run_threads(
-            lambda w, i: expect(redis.get(f"t{n}-{w}-{i % counts[w]}"), KIB), n, seconds
-        )
+        return _threads(redis.set, redis.get, n, seconds, value)
     finally:
         redis.close()
-    return put, get
+
+
+def _threads(
+    put: Callable[[str, bytes], object],
+    get: Callable[[str], object],
+    n: int,
+    seconds: float,
+    value: bytes,
+) -> tuple[Sample, Sample]:
+    """``n`` threads putting for ``seconds``, then reading back what each put."""
+    puts = run_threads(lambda w, i: put(f"t{n}-{w}-{i}", value), n, seconds)
+    counts = puts.counts
+    gets = run_threads(lambda w, i: expect(get(f"t{n}-{w}-{i % counts[w]}"), KIB), n, seconds)
+    return puts, gets
 
 
 async def _memctl_tasks(
     daemon: MemctlDaemon, n: int, seconds: float, value: bytes
 ) -> tuple[Sample, Sample]:
     async with daemon.async_client() as client:
-
-        async def put_one(w: int, i: int) -> None:
-            await client.put(f"a{n}-{w}-{i}", value)
-
-        put = await run_tasks(put_one, n, seconds)
-        counts = put.counts
-
-        async def get_one(w: int, i: int) -> None:
-            expect(await client.get(f"a{n}-{w}-{i % counts[w]}"), KIB)
-
-        get = await run_tasks(get_one, n, seconds)
-    return put, get
+        return await _tasks(client.put, client.get, n, seconds, value)
 
 
 async def _redis_tasks(
@@ -152,20 +145,30 @@ async def _redis_tasks(
 ) -> tuple[Sample, Sample]:
     redis = server.async_client(connections=n)
     try:
-
-        async def put_one(w: int, i: int) -> None:
-            await redis.set(f"a{n}-{w}-{i}", value)
-
-        put = await run_tasks(put_one, n, seconds)
-        counts = put.counts
-
-        async def get_one(w: int, i: int) -> None:
-            expect(await redis.get(f"a{n}-{w}-{i % counts[w]}"), KIB)
-
-        get = await run_tasks(get_one, n, seconds)
+        return await _tasks(redis.set, redis.get, n, seconds, value)
     finally:
         await redis.aclose()
-    return put, get
+
+
+async def _tasks(
+    put: Callable[[str, bytes], Awaitable[object]],
+    get: Callable[[str], Awaitable[object]],
+    n: int,
+    seconds: float,
+    value: bytes,
+) -> tuple[Sample, Sample]:
+    """``n`` asyncio tasks putting for ``seconds``, then reading back what each put."""
+
+    async def put_one(w: int, i: int) -> None:
+        await put(f"a{n}-{w}-{i}", value)
+
+    puts = await run_tasks(put_one, n, seconds)
+    counts = puts.counts
+
+    async def get_one(w: int, i: int) -> None:
+        expect(await get(f"a{n}-{w}-{i % counts[w]}"), KIB)
+
+    return puts, await run_tasks(get_one, n, seconds)
 
 
 # --- 3. batches ------------------------------------------------------------------------

@@ -169,10 +169,49 @@ def key_batches(keys: list[str], per_batch: int = 1000) -> Iterator[list[str]]:
     yield batch
 
 
-def put_pairs(
-    items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]],
-) -> list[tuple[str, Buffer]]:
-    return list(items.items()) if isinstance(items, Mapping) else list(items)
+class PutPlan:
+    """What ``put_many`` sends, shared by both clients: its small values in messages
+    (``operations``), the rest streamed; the results in the order given."""
+
+    def __init__(self, items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]], metadata: bytes):
+        self.pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        small = [
+            (i, put_entry(k, v, metadata)) for i, (k, v) in enumerate(self.pairs) if is_inline(v)
+        ]
+        self._batches = list(batches_of(small))
+        self._results: dict[int, PutResult] = {}
+
+    def operations(self) -> list[tuple[pb.Operation, str]]:
+        """One PutMany operation per message, with a key to name in an error."""
+        return [
+            (put_operation(entry for _, entry in batch), batch[0][1].key) for batch in self._batches
+        ]
+
+    def answered(self, answers: Iterable[pb.OperationResult]) -> list[tuple[int, str, Buffer]]:
+        """Take the operations' answers, in order; the values left to stream (index,
+        key, data)."""
+        for batch, answer in zip(self._batches, answers, strict=True):
+            for (index, _), response in zip(batch, answer.put_many.results, strict=True):
+                self._results[index] = put_result(response)
+        return [(i, k, v) for i, (k, v) in enumerate(self.pairs) if i not in self._results]
+
+    def streamed(self, index: int, result: PutResult) -> None:
+        self._results[index] = result
+
+    def results(self) -> list[PutResult]:
+        return [self._results[index] for index in range(len(self.pairs))]
+
+
+def take_values(items: Iterable[pb.GetItem], values: dict[str, bytes], address: str) -> list[str]:
+    """Add GetMany items' checked values to ``values``; the keys to read with Get."""
+    streamed = []
+    for item in items:
+        data = checked_data(item, address)
+        if data is not None:
+            values[item.key] = data
+        elif item.streamed:
+            streamed.append(item.key)
+    return streamed
 
 
 def stored_value(item: pb.GetItem, address: str) -> StoredValue | None:

@@ -55,29 +55,13 @@ class AsyncClient(ClientBase):
     async def put_many(
         self, items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]], metadata: bytes = b""
     ) -> list[PutResult]:
-        pairs = _base.put_pairs(items)
-        small = [
-            (i, _base.put_entry(k, v, metadata))
-            for i, (k, v) in enumerate(pairs)
-            if _base.is_inline(v)
-        ]
-        batches = list(_base.batches_of(small))
+        plan = _base.PutPlan(items, metadata)
         answers = await asyncio.gather(
-            *(
-                self._pipeline.call(
-                    _base.put_operation(entry for _, entry in batch), self.timeout, batch[0][1].key
-                )
-                for batch in batches
-            )
+            *(self._pipeline.call(op, self.timeout, key) for op, key in plan.operations())
         )
-        results: dict[int, PutResult] = {}
-        for batch, answer in zip(batches, answers, strict=True):
-            for (index, _), response in zip(batch, answer.put_many.results, strict=True):
-                results[index] = _base.put_result(response)
-        for index, (key, value) in enumerate(pairs):
-            if index not in results:
-                results[index] = await self._put_streamed(key, value, metadata)
-        return [results[index] for index in range(len(pairs))]
+        for index, key, value in plan.answered(answers):
+            plan.streamed(index, await self._put_streamed(key, value, metadata))
+        return plan.results()
 
     async def get_value(self, key: str) -> StoredValue:
         _base.check_key(key)
@@ -114,12 +98,8 @@ class AsyncClient(ClientBase):
         )
         values: dict[str, bytes] = {}
         for answer in answers:
-            for item in answer.get_many.items:
-                data = _base.checked_data(item, self.address)
-                if data is not None:
-                    values[item.key] = data
-                elif item.streamed:
-                    values[item.key] = (await self._get_streamed(item.key)).data
+            for key in _base.take_values(answer.get_many.items, values, self.address):
+                values[key] = (await self._get_streamed(key)).data
         return values
 
     async def stat(self, key: str) -> KeyInfo:

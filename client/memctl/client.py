@@ -83,25 +83,12 @@ class Client(ClientBase):
         """Store several values (a mapping or key-value pairs), in as few messages as
         fit them; results in the order given. Each message is all or nothing; a
         failure raises, and values of messages already answered stay stored."""
-        pairs = _base.put_pairs(items)
-        small = [
-            (i, _base.put_entry(k, v, metadata))
-            for i, (k, v) in enumerate(pairs)
-            if _base.is_inline(v)
-        ]
-        results: dict[int, PutResult] = {}
-        sent = [
-            (batch, self._pipeline.send(_base.put_operation(entry for _, entry in batch)))
-            for batch in _base.batches_of(small)
-        ]
-        for batch, one in sent:
-            answer = self._pipeline.wait(one, self.timeout, batch[0][1].key)
-            for (index, _), response in zip(batch, answer.put_many.results, strict=True):
-                results[index] = _base.put_result(response)
-        for index, (key, value) in enumerate(pairs):
-            if index not in results:
-                results[index] = self._put_streamed(key, value, metadata)
-        return [results[index] for index in range(len(pairs))]
+        plan = _base.PutPlan(items, metadata)
+        sent = [(self._pipeline.send(op), key) for op, key in plan.operations()]
+        answers = [self._pipeline.wait(one, self.timeout, key) for one, key in sent]
+        for index, key, value in plan.answered(answers):
+            plan.streamed(index, self._put_streamed(key, value, metadata))
+        return plan.results()
 
     def get_value(self, key: str) -> StoredValue:
         """The value under ``key`` with its metadata and where it was."""
@@ -139,12 +126,9 @@ class Client(ClientBase):
         ]
         values: dict[str, bytes] = {}
         for one in sent:
-            for item in self._pipeline.wait(one, self.timeout).get_many.items:
-                data = _base.checked_data(item, self.address)
-                if data is not None:
-                    values[item.key] = data
-                elif item.streamed:
-                    values[item.key] = self._get_streamed(item.key).data
+            items = self._pipeline.wait(one, self.timeout).get_many.items
+            for key in _base.take_values(items, values, self.address):
+                values[key] = self._get_streamed(key).data
         return values
 
     def stat(self, key: str) -> KeyInfo:

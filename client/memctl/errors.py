@@ -69,9 +69,14 @@ def translate(error: grpc.RpcError, address: str, key: str | None = None) -> Exc
     return from_status(error.code(), error.details(), address, key)
 
 
+def status_code(number: int) -> grpc.StatusCode:
+    """The status code numbered ``number`` (google.rpc.Code), UNKNOWN for none."""
+    return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def from_failure(number: int, message: str, address: str, key: str | None = None) -> Exception:
     """The exception for one operation's failure inside a call (``memctl.v1.Failure``)."""
-    return from_status(_CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN), message, address, key)
+    return from_status(status_code(number), message, address, key)
 
 
 def from_status(

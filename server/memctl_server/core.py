@@ -341,17 +341,7 @@ class MemoryService:
         The value becomes visible only once complete and checked; a failed, short or
         cancelled Put leaves nothing behind and the old value intact.
         """
-        _check_key(request.key)
-        problem = metadata_problem(request.metadata)
-        if problem:
-            raise InvalidArgument(problem)
-        most = self.settings.max_value_size
-        if most is not False and request.size > most:
-            raise ResourceExhausted(
-                f"Put of {request.key!r}: the value is {format_bytes(request.size)}, more "
-                f"than the {format_bytes(most)} this daemon takes in one value "
-                "(limits.max-value-size); split it, or raise the limit"
-            )
+        self._check_value(request.key, request.metadata, request.size, f"Put of {request.key!r}")
         header_size = header_length(scope.name, request.key, request.metadata, request.size)
         route = await self._reserve(scope, request.size, header_size, wait)
         try:
@@ -436,12 +426,24 @@ class MemoryService:
             self._record_spill(scope, reason, moved)
         self.room_changed()
 
-    def _check_inline(self, item: InlineValue) -> None:
-        """Fill in ``item``'s CRC32C; InvalidArgument or DataLoss if it is bad."""
-        _check_key(item.key)
-        problem = metadata_problem(item.metadata)
+    def _check_value(self, key: str, metadata: bytes, size: int, what: str) -> None:
+        """What Put and PutMany check of a value before taking it: the key, the
+        metadata, and ``limits.max-value-size``; ``what`` names it in the message."""
+        _check_key(key)
+        problem = metadata_problem(metadata)
         if problem:
-            raise InvalidArgument(f"{item.key!r}: {problem}")
+            raise InvalidArgument(f"{what}: {problem}")
+        most = self.settings.max_value_size
+        if most is not False and size > most:
+            raise ResourceExhausted(
+                f"{what}: the value is {format_bytes(size)}, more than the "
+                f"{format_bytes(most)} this daemon takes in one value "
+                "(limits.max-value-size); split it, or raise the limit"
+            )
+
+    def _check_inline(self, item: InlineValue) -> None:
+        """Fill in ``item``'s CRC32C; InvalidArgument, ResourceExhausted or DataLoss if
+        it is bad."""
         size = len(item.data)
         if size > MAX_INLINE_VALUE:
             raise InvalidArgument(
@@ -449,12 +451,7 @@ class MemoryService:
                 f"one message up to {format_bytes(MAX_INLINE_VALUE)}: send it with Put, "
                 "which streams it"
             )
-        most = self.settings.max_value_size
-        if most is not False and size > most:
-            raise ResourceExhausted(
-                f"{item.key!r}: the value is {format_bytes(size)}, more than the "
-                f"{format_bytes(most)} this daemon takes in one value (limits.max-value-size)"
-            )
+        self._check_value(item.key, item.metadata, size, repr(item.key))
         crc = checksum(item.data)
         if item.crc is not None and crc != item.crc:
             raise DataLoss(
@@ -471,11 +468,14 @@ class MemoryService:
         for key in keys:
             _check_key(key)
         with self._owned(scope) as owned:
-            if owned and _in_ram(scope, keys):
-                return scope.read_many(keys, MESSAGE_BUDGET, MAX_INLINE_VALUE)
+            if owned:
+                in_ram = scope.read_many(keys, MESSAGE_BUDGET, MAX_INLINE_VALUE, ram_only=True)
+                if in_ram is not None:
+                    return in_ram
         moved = await self._in_scope(
             scope, _spills_during, scope, scope.read_many, keys, MESSAGE_BUDGET, MAX_INLINE_VALUE
         )
+        assert moved.result is not None  # only ram_only reads give up
         for read in moved.result:
             if read.failure is not None:
                 self._record_loss(scope, read.failure)

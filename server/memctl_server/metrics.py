@@ -37,6 +37,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 
 from memctl import __version__
+from memctl.errors import status_code
 
 from .config import MetricsConfig
 from .core import MemoryService, ScopeSnapshot
@@ -299,7 +300,7 @@ class RpcCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _count(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         code = context.code() or grpc.StatusCode.OK
         if isinstance(code, int):
-            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+            code = status_code(code)
         self.counter.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.name})
 
     async def intercept_service(

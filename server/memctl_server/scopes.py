@@ -472,10 +472,13 @@ class Scope:
         return [self.data.location(key) or "disk" for key, _ in records]
 
     @publishes
-    def read_many(self, keys: Sequence[str], budget: int, most: int) -> list[ManyRead]:
+    def read_many(
+        self, keys: Sequence[str], budget: int, most: int, *, ram_only: bool = False
+    ) -> list[ManyRead] | None:
         """Values for GetMany, in order: whole while each is at most ``most`` bytes and
         all together ``budget``; larger ones only described (the client streams them).
-        A damaged value fails its own item."""
+        A damaged value fails its own item. With ``ram_only``, None as soon as a value
+        is on disk (reading it is I/O): nothing is read from disk then."""
         reads: list[ManyRead] = []
         for key, held in zip(keys, self.data.read_in_ram(keys), strict=True):
             if held is not None:  # the common case, without a lookup per question
@@ -490,23 +493,21 @@ class Scope:
             if location is None:
                 reads.append(ManyRead(key))
                 continue
+            if ram_only:  # not held in RAM, yet there: on disk
+                return None
             entry = self.data.entry(key)
             streamed = location == "disk" and self.data.can_stream and entry.size > self.data.target
             if entry.size > min(most, budget) or streamed:
                 reads.append(ManyRead(key, location, entry.size, entry.metadata, entry.crc))
                 continue
             try:
-                record = self.data[key]
-                if not self.data.verifies_reads and checksum(record.data) != entry.crc:
-                    raise SpillFileDamaged(f"the value of {key!r} no longer matches its checksum")
-            except SpillFileDamaged as exc:
-                loss = self.lose(key, str(exc), self.data.spill_file(key))
+                read = self.read(key)
+            except DataLoss as loss:  # dropped by ``read``; the other values go on
                 reads.append(ManyRead(key, failure=loss))
                 continue
+            assert read.data is not None  # not streamed, so read whole
             budget -= entry.size
-            reads.append(
-                ManyRead(key, location, entry.size, entry.metadata, entry.crc, record.data)
-            )
+            reads.append(ManyRead(key, location, entry.size, entry.metadata, entry.crc, read.data))
         return reads
 
     @publishes
