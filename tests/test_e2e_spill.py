@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memctl import AsyncClient, Client, MemctlMapping
-from tests.conftest import Daemon, run_memctl
+from tests.conftest import Daemon, run_memctl, wait_until
 from tests.tokens import raw_channel
 
 MiB = 1 << 20
@@ -21,6 +21,12 @@ MiB = 1 << 20
 def value_for(i: int, size: int = 4 * MiB) -> bytes:
     """Deterministic, incompressible test data, so the test need not keep it."""
     return random.Random(i).randbytes(size)
+
+
+def settles_to_target(client: Client, limit: int) -> None:
+    """Managed bytes come down to the target (0.6) soon after an answer: a Put or Get
+    answers first, and its scope spills to the target behind the answer."""
+    wait_until(lambda: client.status().service.managed <= 0.6 * limit, timeout=10)
 
 
 def test_three_times_the_limit_spills_and_round_trips(spawn: Callable[..., Daemon]) -> None:
@@ -35,7 +41,8 @@ def test_three_times_the_limit_spills_and_round_trips(spawn: Callable[..., Daemo
             reading = client.status().service
             peak_managed = max(peak_managed, reading.managed)
             peak_rss = max(peak_rss, daemon.rss())
-            assert reading.managed <= 0.6 * limit, f"managed {reading.managed} after put {i}"
+            assert reading.managed <= limit, f"managed {reading.managed} after put {i}"
+            settles_to_target(client, limit)
         status = client.status().service
         assert status.spilled > 0
         assert status.keys_on_disk > 0
@@ -43,7 +50,7 @@ def test_three_times_the_limit_spills_and_round_trips(spawn: Callable[..., Daemo
         assert status.managed + status.unmanaged + status.unmanaged_recent == status.process
         for i in range(50):
             assert client.get(f"value-{i}") == value_for(i), f"value-{i} differs"
-            assert client.status().service.managed <= 0.6 * limit
+            settles_to_target(client, limit)
         peak_rss = max(peak_rss, daemon.rss())
     assert peak_managed > 0  # RAM was used, not bypassed
     assert peak_rss <= baseline + limit, (

@@ -64,9 +64,23 @@ _BY_CODE: dict[grpc.StatusCode, type[MemctlError]] = {
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
+def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str | None]:
+    """A failed call's status code and message.
+
+    A streaming call raises its own call object, whose traceback leads back to it
+    (through the call's ``__next__`` frame): a reference cycle that only the cycle
+    collector frees, perhaps at interpreter exit, when the call's ``__del__`` waits
+    for a lock that a gRPC thread, stopped by the exit, may hold; the process then
+    never exits. Reading the status here cuts that traceback, so every error this
+    client handles is freed as soon as it is dropped.
+    """
+    error.__traceback__ = None
+    return error.code(), error.details()
+
+
 def translate(error: grpc.RpcError, address: str, key: str | None = None) -> Exception:
     """The exception to raise for a failed call; ``KeyError`` for NOT_FOUND."""
-    return from_status(error.code(), error.details(), address, key)
+    return from_status(*status_of(error), address, key)
 
 
 def status_code(number: int) -> grpc.StatusCode:

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from .errors import MemctlError, from_failure, from_status, translate
+from .errors import MemctlError, from_failure, from_status, status_of
 from .protocol import MESSAGE_BUDGET
 from .v1 import memctl_pb2 as pb
 
@@ -79,7 +79,27 @@ def _gather(
 
 
 class _StreamClosed(Exception):
-    """The stream ended, by the server or by ``close``; its operations did not run."""
+    """The stream ended (by the server, a failure or ``close``) before answering an
+    operation, with this status. It is copied out of gRPC's call object, which nothing
+    of ours keeps once the stream has ended (see ``errors.status_of``)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        details: str = "the operation stream closed",
+    ):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def of(cls, exc: grpc.RpcError) -> _StreamClosed:
+        code, details = status_of(exc)
+        return cls(code, details or "")
+
+
+#: How long ``close`` waits for a stream's reader to see the stream end.
+CLOSE_WAIT = 5.0
 
 
 class _Stream:
@@ -90,9 +110,10 @@ class _Stream:
         self._outbox: queue.SimpleQueue[pb.Operation | None] = queue.SimpleQueue()
         self._pending: dict[int, Future[pb.OperationResult]] = {}
         self._lock = threading.Lock()
-        self.broken: BaseException | None = None
+        self.broken: _StreamClosed | None = None
         self._responses = stub.Pipeline(self._messages(), metadata=metadata)
-        threading.Thread(target=self._read, name="memctl-pipeline", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="memctl-pipeline", daemon=True)
+        self._reader.start()
 
     def _messages(self) -> Iterator[pb.PipelineRequest]:
         """What gRPC's sending thread sends: the operations waiting, as many to a
@@ -108,7 +129,7 @@ class _Stream:
                 return
 
     def _read(self) -> None:
-        error: BaseException = _StreamClosed()
+        error = _StreamClosed()
         try:
             for response in self._responses:
                 for result in response.results:
@@ -117,10 +138,11 @@ class _Stream:
                     if future is not None:
                         future.set_result(result)
         except grpc.RpcError as exc:
-            error = exc
+            error = _StreamClosed.of(exc)
         with self._lock:
             self.broken = error
             pending, self._pending = self._pending, {}
+            self._responses = None  # gRPC's call object is freed now, in this thread
         for future in pending.values():
             future.set_exception(error)
 
@@ -143,7 +165,13 @@ class _Stream:
         self._outbox.put(None)
 
     def cancel(self) -> None:
-        self._responses.cancel()
+        """End the stream now, and return once its reader has seen it end (so no
+        gRPC thread of it is left running when the interpreter exits)."""
+        with self._lock:
+            responses = self._responses
+        if responses is not None:
+            responses.cancel()
+        self._reader.join(CLOSE_WAIT)
 
 
 class _PipelineBase:
@@ -155,13 +183,9 @@ class _PipelineBase:
         self._metadata = metadata
         self._ids = itertools.count(1)
 
-    def _error(self, exc: BaseException | None, key: str | None) -> Exception:
+    def _error(self, exc: _StreamClosed, key: str | None) -> Exception:
         """The client's exception for an operation its stream could not answer."""
-        if isinstance(exc, grpc.RpcError):
-            return translate(exc, self._address, key)
-        return from_status(
-            grpc.StatusCode.UNAVAILABLE, "the operation stream closed", self._address, key
-        )
+        return from_status(exc.code, exc.details, self._address, key)
 
 
 class Pipeline(_PipelineBase):
@@ -211,7 +235,7 @@ class Pipeline(_PipelineBase):
         except FutureTimeout:
             stream.forget(operation_id)
             raise _deadline_error(self._address) from None
-        except (grpc.RpcError, _StreamClosed) as exc:
+        except _StreamClosed as exc:
             raise self._error(exc, key) from None
         return _checked(result, self._address, key)
 
@@ -230,7 +254,7 @@ class _AsyncStream:
         self.metadata = metadata
         self._outbox: asyncio.Queue[pb.Operation | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[pb.OperationResult]] = {}
-        self.broken: BaseException | None = None
+        self.broken: _StreamClosed | None = None
         self._call = stub.Pipeline(self._messages(), metadata=metadata)
         self._reader = asyncio.create_task(self._read())
 
@@ -246,7 +270,7 @@ class _AsyncStream:
                 return
 
     async def _read(self) -> None:
-        error: BaseException = _StreamClosed()
+        error = _StreamClosed()
         try:
             async for response in self._call:
                 for result in response.results:
@@ -254,9 +278,9 @@ class _AsyncStream:
                     if future is not None and not future.done():
                         future.set_result(result)
         except grpc.RpcError as exc:
-            error = exc
+            error = _StreamClosed.of(exc)
         except asyncio.CancelledError:
-            error = _StreamClosed()
+            pass
         self.broken = error
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -315,7 +339,7 @@ class AsyncPipeline(_PipelineBase):
         except TimeoutError:
             stream.forget(operation.id)
             raise _deadline_error(self._address) from None
-        except (grpc.RpcError, _StreamClosed) as exc:
+        except _StreamClosed as exc:
             raise self._error(exc, key) from None
         return _checked(result, self._address, key)
 

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import grpc
 import psutil
 
-from .errors import MemctlError, ServiceUnavailable, translate
+from .errors import MemctlError, ServiceUnavailable, status_of, translate
 from .protocol import SESSION_METADATA_KEY
 from .results import enum_name, readings_dict, thresholds_dict
 from .trim import trim
@@ -473,12 +473,7 @@ class WorkerSession:
             ) from None
         except grpc.RpcError as exc:
             requests.put(None)
-            if expired.is_set():
-                raise ServiceUnavailable(
-                    f"memctl at {self._address} did not answer Attach within {self._timeout} s",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ) from None
-            raise translate(exc, self._address) from None
+            raise self._refused(exc, timed_out=expired.is_set()) from None
         finally:
             timer.cancel()
             with self._cond:
@@ -490,6 +485,17 @@ class WorkerSession:
                 f"memctl at {self._address} sent {first.WhichOneof('kind')} before the session"
             )
         return call, requests, first.session
+
+    def _refused(self, exc: grpc.RpcError, *, timed_out: bool) -> Exception:
+        """Why an Attach got no session (a function: a local naming the exception
+        would tie it to its own traceback in a cycle)."""
+        error = translate(exc, self._address)
+        if timed_out:
+            return ServiceUnavailable(
+                f"memctl at {self._address} did not answer Attach within {self._timeout} s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        return error
 
     def _request_stream(self, requests: queue.Queue[_Item]) -> Iterator[pb.AttachRequest]:
         """The request side, consumed by gRPC's own thread: the hello, then whatever is
@@ -603,7 +609,8 @@ class WorkerSession:
                         info = SessionInfo.from_pb(response.session)
                         self._install(call, requests, info, reattach=False)
         except grpc.RpcError as exc:
-            return f"{exc.code().name}: {exc.details()}"
+            code, details = status_of(exc)
+            return f"{code.name}: {details}"
         return "the service ended the stream"
 
     def _reattach(self) -> bool:
