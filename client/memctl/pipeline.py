@@ -333,6 +333,7 @@ class AsyncPipeline(_PipelineBase):
             if future is not None:
                 break
         else:
+            assert stream.broken is not None
             raise self._error(stream.broken, key)
         try:
             result = await asyncio.wait_for(future, timeout)
