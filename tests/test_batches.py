@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -19,8 +20,10 @@ import grpc
 import pytest
 
 from memctl import AsyncClient, Client, MemctlMapping
+from memctl._base import put_entry, put_operation
 from memctl.errors import DataLoss, InvalidArgument
-from memctl.protocol import MAX_INLINE_VALUE
+from memctl.pipeline import MAX_OPERATIONS_PER_MESSAGE, _Encoded, _encoded, _gather
+from memctl.protocol import MAX_INLINE_VALUE, MAX_METADATA_BYTES
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, wait_until
@@ -67,6 +70,63 @@ def test_a_batch_larger_than_one_message_is_split_and_stored_whole(daemon: Daemo
         assert len(client.put_many(values)) == 200
         assert client.get_many(values) == values
         assert client.status().service.keys_in_memory == 200
+
+
+def test_metadata_counts_toward_a_message(daemon: Daemon) -> None:
+    """100 values of 1 KiB with 64 KiB of metadata each are 6.5 MiB: more than one
+    message may carry either way (4 MiB), though the values alone are 100 KiB."""
+    values = {f"meta{i:03d}": os.urandom(1024) for i in range(100)}
+    metadata = b"m" * MAX_METADATA_BYTES
+    with Client(daemon.address) as client, raw_channel(daemon.address) as channel:
+        assert [r.size for r in client.put_many(values, metadata=metadata)] == [1024] * 100
+        answer = pb_grpc.MemctlServiceStub(channel).GetMany(
+            pb.GetManyRequest(keys=list(values)), timeout=30
+        )
+        assert answer.ByteSize() < 4 * MiB
+        assert any(item.streamed for item in answer.items)
+        assert all(item.found for item in answer.items)
+        assert client.get_many(values) == values
+        assert client.get_value("meta099").metadata == metadata
+
+    async def main() -> None:
+        async with AsyncClient(daemon.address) as client:
+            again = {key: value[::-1] for key, value in values.items()}
+            assert len(await client.put_many(again, metadata=metadata)) == 100
+            assert await client.get_many(again) == again
+
+    asyncio.run(main())
+
+
+def test_a_message_gathers_waiting_operations_up_to_its_budget() -> None:
+    """The client's messages are its operations' bytes joined: they parse as one
+    PipelineRequest, in order, and stop short of MESSAGE_BUDGET and of the count."""
+
+    def keys(message: bytes) -> list[str]:
+        operations = pb.PipelineRequest.FromString(message).operations
+        return [
+            op.put_many.items[0].key if op.HasField("put_many") else op.stat.key
+            for op in operations
+        ]
+
+    waiting: queue.SimpleQueue[_Encoded | None] = queue.SimpleQueue()
+    large = [_encoded(put_operation([put_entry(f"m{i}", b"x" * MiB, b"")])) for i in range(3)]
+    waiting.put(large[1])
+    waiting.put(large[2])
+    message, held, ended = _gather(large[0], waiting.get_nowait)
+    assert keys(message) == ["m0", "m1"]
+    assert held == large[2] and not ended  # a third MiB would pass the budget
+
+    small = [_encoded(pb.Operation(stat=pb.StatRequest(key=f"s{i}"))) for i in range(1500)]
+    for operation in [*small[1:], None]:
+        waiting.put(operation)
+    message, held, ended = _gather(small[0], waiting.get_nowait)
+    assert keys(message) == [f"s{i}" for i in range(MAX_OPERATIONS_PER_MESSAGE)]
+    assert held is None and not ended
+    first = waiting.get_nowait()
+    assert first is not None
+    message, held, ended = _gather(first, waiting.get_nowait)
+    assert keys(message) == [f"s{i}" for i in range(MAX_OPERATIONS_PER_MESSAGE, 1500)]
+    assert held is None and ended  # the end of the stream was taken
 
 
 def test_the_async_client_batches_too(daemon: Daemon) -> None:

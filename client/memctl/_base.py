@@ -93,6 +93,13 @@ def put_call(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     return channel.stream_unary(f"{_SERVICE}/Put", response_deserializer=pb.PutResponse.FromString)
 
 
+def pipeline_call(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """Pipeline on ``channel``, sending requests as ``memctl.pipeline`` encodes them."""
+    return channel.stream_stream(
+        f"{_SERVICE}/Pipeline", response_deserializer=pb.PipelineResponse.FromString
+    )
+
+
 def get_call(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     """Get on ``channel``, its chunks decoded by ``get_message``."""
     return channel.unary_stream(
@@ -107,13 +114,21 @@ def is_inline(data: Buffer) -> bool:
     return memoryview(data).nbytes <= MAX_INLINE_VALUE
 
 
+#: The most bytes protobuf adds to a PutMany item or GetMany answer item around its
+#: key, data and metadata: the item's own tag and length, each field's tag and length,
+#: the CRC and the size as varints.
+ITEM_FRAMING = 40
+
+
 class PutEntry(NamedTuple):
-    """One value of a PutMany, checked, with its CRC32C."""
+    """One value of a PutMany, checked, with its CRC32C and the most bytes it takes
+    in a message (``encoded_size``: batches are split by it)."""
 
     key: str
     data: bytes
     metadata: bytes
     crc: int
+    encoded_size: int
 
 
 def put_entry(key: str, data: Buffer, metadata: bytes) -> PutEntry:
@@ -122,14 +137,15 @@ def put_entry(key: str, data: Buffer, metadata: bytes) -> PutEntry:
     if problem:
         raise InvalidArgument(problem)
     value = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-    return PutEntry(key, value, metadata, crc32c.crc32c(value))
+    size = len(key.encode()) + len(value) + len(metadata) + ITEM_FRAMING
+    return PutEntry(key, value, metadata, crc32c.crc32c(value), size)
 
 
 def put_operation(entries: Iterable[PutEntry]) -> pb.Operation:
     """A PutMany operation, its items built in place (no copy of the message)."""
     operation = pb.Operation()
     add = operation.put_many.items.add
-    for key, data, metadata, crc in entries:
+    for key, data, metadata, crc, _ in entries:
         add(key=key, data=data, metadata=metadata, crc32c=crc)
     return operation
 
@@ -138,34 +154,43 @@ def get_operation(keys: list[str]) -> pb.Operation:
     return pb.Operation(get_many=pb.GetManyRequest(keys=keys))
 
 
-def batches_of(entries: list[tuple[int, PutEntry]]) -> Iterator[list[tuple[int, PutEntry]]]:
-    """Numbered ``entries`` in groups of at most about MESSAGE_BUDGET bytes (one
-    message each)."""
+class EntryBatch(NamedTuple):
+    """Numbered entries for one PutMany message, and the most bytes they take in it."""
+
+    entries: list[tuple[int, PutEntry]]
+    encoded_size: int
+
+
+def batches_of(entries: list[tuple[int, PutEntry]]) -> Iterator[EntryBatch]:
+    """Numbered ``entries`` in groups of at most MESSAGE_BUDGET encoded bytes (keys,
+    values and metadata: one message each)."""
     batch: list[tuple[int, PutEntry]] = []
     size = 0
     for numbered in entries:
-        entry_size = len(numbered[1].data) + len(numbered[1].key)
+        entry_size = numbered[1].encoded_size
         if batch and size + entry_size > MESSAGE_BUDGET:
-            yield batch
+            yield EntryBatch(batch, size)
             batch, size = [], 0
         batch.append(numbered)
         size += entry_size
     if batch:
-        yield batch
+        yield EntryBatch(batch, size)
 
 
 def key_batches(keys: list[str], per_batch: int = 1000) -> Iterator[list[str]]:
-    """``keys`` in groups that fit one message (at most ``per_batch`` keys, about
-    MESSAGE_BUDGET / 3 of key bytes); one empty group for no keys, so that the
-    service says what is wrong with that."""
+    """``keys`` in groups that fit one message (at most ``per_batch`` keys, and
+    MESSAGE_BUDGET / 4 bytes of UTF-8, so that an answer carrying them again beside
+    MESSAGE_BUDGET of values stays under 4 MiB); one empty group for no keys, so
+    that the service says what is wrong with that."""
     batch: list[str] = []
     size = 0
     for key in keys:
-        if batch and (len(batch) == per_batch or size + len(key) > MESSAGE_BUDGET // 3):
+        key_size = len(key.encode())
+        if batch and (len(batch) == per_batch or size + key_size > MESSAGE_BUDGET // 4):
             yield batch
             batch, size = [], 0
         batch.append(key)
-        size += len(key)
+        size += key_size
     yield batch
 
 
@@ -184,13 +209,14 @@ class PutPlan:
     def operations(self) -> list[tuple[pb.Operation, str]]:
         """One PutMany operation per message, with a key to name in an error."""
         return [
-            (put_operation(entry for _, entry in batch), batch[0][1].key) for batch in self._batches
+            (put_operation(entry for _, entry in batch), batch[0][1].key)
+            for batch, _ in self._batches
         ]
 
     def answered(self, answers: Iterable[pb.OperationResult]) -> list[tuple[int, str, Buffer]]:
         """Take the operations' answers, in order; the values left to stream (index,
         key, data)."""
-        for batch, answer in zip(self._batches, answers, strict=True):
+        for (batch, _), answer in zip(self._batches, answers, strict=True):
             for (index, _), response in zip(batch, answer.put_many.results, strict=True):
                 self._results[index] = put_result(response)
         return [(i, k, v) for i, (k, v) in enumerate(self.pairs) if i not in self._results]

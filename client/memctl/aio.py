@@ -35,7 +35,9 @@ class AsyncClient(ClientBase):
                 self.address, self.credentials, options=_base.CHANNEL_OPTIONS
             )
         self._stub = pb_grpc.MemctlServiceStub(self._channel)
-        self._pipeline = AsyncPipeline(self._stub, self.address, lambda: self.metadata)
+        self._pipeline = AsyncPipeline(
+            _base.pipeline_call(self._channel), self.address, lambda: self.metadata
+        )
 
     async def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
         if not _base.is_inline(data):

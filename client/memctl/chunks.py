@@ -23,7 +23,8 @@ CHUNK_TAG = 0x12
 _MAX_VARINT = 10
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -34,7 +35,7 @@ def _varint(value: int) -> bytes:
 
 def encode_chunk(data: memoryview) -> bytes:
     """The chunk message carrying ``data`` (bytes, as gRPC sends only bytes)."""
-    return b"".join((bytes((CHUNK_TAG,)), _varint(data.nbytes), data))
+    return b"".join((bytes((CHUNK_TAG,)), varint(data.nbytes), data))
 
 
 def chunk_payload(message: bytes) -> memoryview | None:

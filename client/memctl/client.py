@@ -54,7 +54,9 @@ class Client(ClientBase):
                 self.address, self.credentials, options=_base.CHANNEL_OPTIONS
             )
         self._stub = pb_grpc.MemctlServiceStub(self._channel)
-        self._pipeline = Pipeline(self._stub, self.address, lambda: self.metadata)
+        self._pipeline = Pipeline(
+            _base.pipeline_call(self._channel), self.address, lambda: self.metadata
+        )
 
     def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
         """Store ``data`` under ``key``; atomic: readers see the old value or the new.

@@ -29,10 +29,11 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
+from .chunks import varint
 from .errors import MemctlError, from_failure, from_status, status_of
 from .protocol import MESSAGE_BUDGET
 from .v1 import memctl_pb2 as pb
@@ -56,26 +57,45 @@ def _deadline_error(address: str) -> MemctlError:
     return error
 
 
+#: Field 1 of PipelineRequest (``operations``), length-delimited.
+OPERATION_TAG = 0x0A
+
+
+class _Encoded(NamedTuple):
+    """An operation encoded as a field of a PipelineRequest: its tag and length, then
+    the operation. Encoded when sent, so that a message is the join of its
+    operations' bytes: no copy of them into a request message, no ``ByteSize`` (which
+    costs protobuf a serialization) to tell whether one more fits."""
+
+    prefix: bytes
+    body: bytes
+
+
+def _encoded(operation: pb.Operation) -> _Encoded:
+    body = operation.SerializeToString()
+    return _Encoded(bytes((OPERATION_TAG,)) + varint(len(body)), body)
+
+
 def _gather(
-    first: pb.Operation, take: Callable[[], pb.Operation | None]
-) -> tuple[list[pb.Operation], pb.Operation | None, bool]:
-    """One message's operations: ``first`` and those already waiting (``take``, which
-    raises when none is), up to MAX_OPERATIONS_PER_MESSAGE and MESSAGE_BUDGET bytes.
-    Also the one that did not fit (it starts the next message), and whether the end
-    of the stream (None) was taken."""
-    operations, size = [first], first.ByteSize()
-    while len(operations) < MAX_OPERATIONS_PER_MESSAGE:
+    first: _Encoded, take: Callable[[], _Encoded | None]
+) -> tuple[bytes, _Encoded | None, bool]:
+    """One message, encoded: ``first`` and the operations already waiting (``take``,
+    which raises when none is), up to MAX_OPERATIONS_PER_MESSAGE and MESSAGE_BUDGET
+    bytes. Also the one that did not fit (it starts the next message), and whether
+    the end of the stream (None) was taken."""
+    parts, size = [*first], len(first.prefix) + len(first.body)
+    while len(parts) < 2 * MAX_OPERATIONS_PER_MESSAGE:  # two parts an operation
         try:
             following = take()
         except (queue.Empty, asyncio.QueueEmpty):
             break
         if following is None:
-            return operations, None, True
-        size += following.ByteSize()
+            return b"".join(parts), None, True
+        size += len(following.prefix) + len(following.body)
         if size > MESSAGE_BUDGET:
-            return operations, following, False
-        operations.append(following)
-    return operations, None, False
+            return b"".join(parts), following, False
+        parts += following
+    return b"".join(parts), None, False
 
 
 class _StreamClosed(Exception):
@@ -105,26 +125,26 @@ CLOSE_WAIT = 5.0
 class _Stream:
     """One Pipeline stream of the blocking client and the operations in flight on it."""
 
-    def __init__(self, stub: Any, metadata: Metadata):
+    def __init__(self, pipeline_call: Any, metadata: Metadata):
         self.metadata = metadata
-        self._outbox: queue.SimpleQueue[pb.Operation | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[_Encoded | None] = queue.SimpleQueue()
         self._pending: dict[int, Future[pb.OperationResult]] = {}
         self._lock = threading.Lock()
         self.broken: _StreamClosed | None = None
-        self._responses = stub.Pipeline(self._messages(), metadata=metadata)
+        self._responses = pipeline_call(self._messages(), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="memctl-pipeline", daemon=True)
         self._reader.start()
 
-    def _messages(self) -> Iterator[pb.PipelineRequest]:
+    def _messages(self) -> Iterator[bytes]:
         """What gRPC's sending thread sends: the operations waiting, as many to a
         message as fit MESSAGE_BUDGET (one that would not fit goes in the next)."""
-        held: pb.Operation | None = None
+        held: _Encoded | None = None
         while True:
             operation = held if held is not None else self._outbox.get()
             if operation is None:
                 return
-            operations, held, ended = _gather(operation, self._outbox.get_nowait)
-            yield pb.PipelineRequest(operations=operations)
+            message, held, ended = _gather(operation, self._outbox.get_nowait)
+            yield message
             if ended:
                 return
 
@@ -146,14 +166,14 @@ class _Stream:
         for future in pending.values():
             future.set_exception(error)
 
-    def submit(self, operation: pb.Operation) -> Future[pb.OperationResult] | None:
-        """Send ``operation``; None if this stream is already broken."""
+    def submit(self, operation_id: int, encoded: _Encoded) -> Future[pb.OperationResult] | None:
+        """Send an operation; None if this stream is already broken."""
         future: Future[pb.OperationResult] = Future()
         with self._lock:
             if self.broken is not None:
                 return None
-            self._pending[operation.id] = future
-        self._outbox.put(operation)
+            self._pending[operation_id] = future
+        self._outbox.put(encoded)
         return future
 
     def forget(self, operation_id: int) -> None:
@@ -177,8 +197,8 @@ class _Stream:
 class _PipelineBase:
     """What both clients' pipelines keep: where to open streams, and with what."""
 
-    def __init__(self, stub: Any, address: str, metadata: Callable[[], Metadata]):
-        self._stub = stub
+    def __init__(self, pipeline_call: Any, address: str, metadata: Callable[[], Metadata]):
+        self._pipeline_call = pipeline_call
         self._address = address
         self._metadata = metadata
         self._ids = itertools.count(1)
@@ -191,8 +211,8 @@ class _PipelineBase:
 class Pipeline(_PipelineBase):
     """The blocking client's coalescing stream (see the module's docstring)."""
 
-    def __init__(self, stub: Any, address: str, metadata: Callable[[], Metadata]):
-        super().__init__(stub, address, metadata)
+    def __init__(self, pipeline_call: Any, address: str, metadata: Callable[[], Metadata]):
+        super().__init__(pipeline_call, address, metadata)
         self._stream: _Stream | None = None
         self._lock = threading.Lock()
 
@@ -203,7 +223,7 @@ class Pipeline(_PipelineBase):
             if stream is None or stream.broken is not None or stream.metadata != metadata:
                 if stream is not None:
                     stream.close()
-                stream = self._stream = _Stream(self._stub, metadata)
+                stream = self._stream = _Stream(self._pipeline_call, metadata)
             return stream
 
     def call(
@@ -214,12 +234,13 @@ class Pipeline(_PipelineBase):
 
     def send(self, operation: pb.Operation) -> tuple[_Stream, int, Future[pb.OperationResult]]:
         """Queue ``operation`` (to ``wait`` for later: several can be in flight)."""
-        operation.id = next(self._ids)
+        operation_id = operation.id = next(self._ids)
+        encoded = _encoded(operation)
         for _ in range(2):  # a stream that broke just now: once more on a new one
             stream = self._current()
-            future = stream.submit(operation)
+            future = stream.submit(operation_id, encoded)
             if future is not None:
-                return stream, operation.id, future
+                return stream, operation_id, future
         assert stream.broken is not None
         raise self._error(stream.broken, None)
 
@@ -250,22 +271,22 @@ class Pipeline(_PipelineBase):
 class _AsyncStream:
     """One Pipeline stream of the asyncio client and the operations in flight on it."""
 
-    def __init__(self, stub: Any, metadata: Metadata):
+    def __init__(self, pipeline_call: Any, metadata: Metadata):
         self.metadata = metadata
-        self._outbox: asyncio.Queue[pb.Operation | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[_Encoded | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[pb.OperationResult]] = {}
         self.broken: _StreamClosed | None = None
-        self._call = stub.Pipeline(self._messages(), metadata=metadata)
+        self._call = pipeline_call(self._messages(), metadata=metadata)
         self._reader = asyncio.create_task(self._read())
 
-    async def _messages(self) -> AsyncIterator[pb.PipelineRequest]:
-        held: pb.Operation | None = None
+    async def _messages(self) -> AsyncIterator[bytes]:
+        held: _Encoded | None = None
         while True:
             operation = held if held is not None else await self._outbox.get()
             if operation is None:
                 return
-            operations, held, ended = _gather(operation, self._outbox.get_nowait)
-            yield pb.PipelineRequest(operations=operations)
+            message, held, ended = _gather(operation, self._outbox.get_nowait)
+            yield message
             if ended:
                 return
 
@@ -287,12 +308,14 @@ class _AsyncStream:
             if not future.done():
                 future.set_exception(error)
 
-    def submit(self, operation: pb.Operation) -> asyncio.Future[pb.OperationResult] | None:
+    def submit(
+        self, operation_id: int, encoded: _Encoded
+    ) -> asyncio.Future[pb.OperationResult] | None:
         if self.broken is not None:
             return None
         future: asyncio.Future[pb.OperationResult] = asyncio.get_running_loop().create_future()
-        self._pending[operation.id] = future
-        self._outbox.put_nowait(operation)
+        self._pending[operation_id] = future
+        self._outbox.put_nowait(encoded)
         return future
 
     def forget(self, operation_id: int) -> None:
@@ -309,8 +332,8 @@ class _AsyncStream:
 class AsyncPipeline(_PipelineBase):
     """The asyncio client's coalescing stream (see the module's docstring)."""
 
-    def __init__(self, stub: Any, address: str, metadata: Callable[[], Metadata]):
-        super().__init__(stub, address, metadata)
+    def __init__(self, pipeline_call: Any, address: str, metadata: Callable[[], Metadata]):
+        super().__init__(pipeline_call, address, metadata)
         self._stream: _AsyncStream | None = None
 
     def _current(self) -> _AsyncStream:
@@ -319,17 +342,18 @@ class AsyncPipeline(_PipelineBase):
         if stream is None or stream.broken is not None or stream.metadata != metadata:
             if stream is not None:
                 stream.close()
-            stream = self._stream = _AsyncStream(self._stub, metadata)
+            stream = self._stream = _AsyncStream(self._pipeline_call, metadata)
         return stream
 
     async def call(
         self, operation: pb.Operation, timeout: float, key: str | None = None
     ) -> pb.OperationResult:
         """Run one operation; its answer, or the client's exception for its failure."""
-        operation.id = next(self._ids)
+        operation_id = operation.id = next(self._ids)
+        encoded = _encoded(operation)
         for _ in range(2):  # a stream that broke just now: once more on a new one
             stream = self._current()
-            future = stream.submit(operation)
+            future = stream.submit(operation_id, encoded)
             if future is not None:
                 break
         else:
@@ -338,7 +362,7 @@ class AsyncPipeline(_PipelineBase):
         try:
             result = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            stream.forget(operation.id)
+            stream.forget(operation_id)
             raise _deadline_error(self._address) from None
         except _StreamClosed as exc:
             raise self._error(exc, key) from None

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal, ParamSpec, Protocol, TypeVar
+from typing import Literal, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from memctl.sizes import format_bytes
 
@@ -162,10 +162,10 @@ class ValueRead:
     reader: SpillReader | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ManyRead:
+class ManyRead(NamedTuple):
     """One item of a GetMany: found with its bytes, found but too large to travel
-    inline (``data`` None), missing (``location`` None), or failed."""
+    inline (``data`` None), missing (``location`` None), or failed. (A tuple: one is
+    made per value read, and a frozen dataclass costs three times as much to make.)"""
 
     key: str
     location: Route | None = None
@@ -476,15 +476,16 @@ class Scope:
         self, keys: Sequence[str], budget: int, most: int, *, ram_only: bool = False
     ) -> list[ManyRead] | None:
         """Values for GetMany, in order: whole while each is at most ``most`` bytes and
-        all together ``budget``; larger ones only described (the client streams them).
-        A damaged value fails its own item. With ``ram_only``, None as soon as a value
-        is on disk (reading it is I/O): nothing is read from disk then."""
+        all together, with their metadata, ``budget``; larger ones only described (the
+        client streams them). A damaged value fails its own item. With ``ram_only``,
+        None as soon as a value is on disk (reading it is I/O): nothing is read from
+        disk then."""
         reads: list[ManyRead] = []
         for key, held in zip(keys, self.data.read_in_ram(keys), strict=True):
             if held is not None:  # the common case, without a lookup per question
                 size, metadata, crc, data = held
-                if size <= min(most, budget):
-                    budget -= size
+                if size <= most and size + len(metadata) <= budget:
+                    budget -= size + len(metadata)
                     reads.append(ManyRead(key, "memory", size, metadata, crc, data))
                 else:
                     reads.append(ManyRead(key, "memory", size, metadata, crc))
@@ -497,7 +498,8 @@ class Scope:
                 return None
             entry = self.data.entry(key)
             streamed = location == "disk" and self.data.can_stream and entry.size > self.data.target
-            if entry.size > min(most, budget) or streamed:
+            carried = entry.size + len(entry.metadata)
+            if entry.size > most or carried > budget or streamed:
                 reads.append(ManyRead(key, location, entry.size, entry.metadata, entry.crc))
                 continue
             try:
@@ -506,7 +508,7 @@ class Scope:
                 reads.append(ManyRead(key, failure=loss))
                 continue
             assert read.data is not None  # not streamed, so read whole
-            budget -= entry.size
+            budget -= carried
             reads.append(ManyRead(key, location, entry.size, entry.metadata, entry.crc, read.data))
         return reads
 

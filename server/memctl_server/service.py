@@ -144,7 +144,7 @@ def event_pb(event: Event) -> pb.Event:
 
 def add_get_item(items: Any, read: ManyRead) -> int:
     """Append ``read`` to a GetManyResponse's ``items`` (built in place: no copies of
-    the values but the one into the message); the value bytes it carries."""
+    the values but the one into the message); the value and metadata bytes it carries."""
     if read.location is None:
         if read.failure is not None:
             items.add(key=read.key, failure=failure_pb(read.failure))
@@ -169,7 +169,7 @@ def add_get_item(items: Any, read: ManyRead) -> int:
         crc32c=read.crc,
         data=read.data if isinstance(read.data, bytes) else bytes(read.data),
     )
-    return read.size
+    return read.size + len(read.metadata)
 
 
 def failure_pb(error: MemctlError) -> pb.Failure:
