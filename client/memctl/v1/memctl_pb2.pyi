@@ -1449,8 +1449,8 @@ class GetItem(_message.Message):
     data: _builtins.bytes
     """The value, unless `streamed`."""
     streamed: _builtins.bool
-    """The value is too large to travel inline (over 1 MiB, or past the 3 MiB a
-    response carries): read it with Get.
+    """The value is too large to travel inline (over 1 MiB, or past the 3 MiB of
+    values and metadata a response carries): read it with Get.
     """
     @_builtins.property
     def failure(self) -> Global___Failure:

@@ -221,8 +221,9 @@ class MemctlServiceServicer:
         """GetMany reads several values in one call. A missing key is reported in
         its item (found false), not as NOT_FOUND; a damaged value fails only its
         own item (DATA_LOSS). Values travel inline up to 1 MiB each and 3 MiB in
-        all (so that the answer fits gRPC's default 4 MiB message limit); a value
-        beyond that comes back marked `streamed`: read it with Get.
+        all, their metadata included (so that the answer fits gRPC's default 4 MiB
+        message limit); a value beyond that comes back marked `streamed`: read it
+        with Get.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

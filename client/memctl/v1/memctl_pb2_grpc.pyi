@@ -97,8 +97,9 @@ class MemctlServiceStub:
     """GetMany reads several values in one call. A missing key is reported in
     its item (found false), not as NOT_FOUND; a damaged value fails only its
     own item (DATA_LOSS). Values travel inline up to 1 MiB each and 3 MiB in
-    all (so that the answer fits gRPC's default 4 MiB message limit); a value
-    beyond that comes back marked `streamed`: read it with Get.
+    all, their metadata included (so that the answer fits gRPC's default 4 MiB
+    message limit); a value beyond that comes back marked `streamed`: read it
+    with Get.
     """
     Pipeline: _grpc.StreamStreamMultiCallable[_memctl_pb2.PipelineRequest, _memctl_pb2.PipelineResponse]
     """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
@@ -172,8 +173,9 @@ class MemctlServiceAsyncStub(MemctlServiceStub):
     """GetMany reads several values in one call. A missing key is reported in
     its item (found false), not as NOT_FOUND; a damaged value fails only its
     own item (DATA_LOSS). Values travel inline up to 1 MiB each and 3 MiB in
-    all (so that the answer fits gRPC's default 4 MiB message limit); a value
-    beyond that comes back marked `streamed`: read it with Get.
+    all, their metadata included (so that the answer fits gRPC's default 4 MiB
+    message limit); a value beyond that comes back marked `streamed`: read it
+    with Get.
     """
     Pipeline: _aio.StreamStreamMultiCallable[_memctl_pb2.PipelineRequest, _memctl_pb2.PipelineResponse]  # type: ignore[assignment]
     """Pipeline is a long-lived stream of small operations (PutMany, GetMany,
@@ -316,8 +318,9 @@ class MemctlServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetMany reads several values in one call. A missing key is reported in
         its item (found false), not as NOT_FOUND; a damaged value fails only its
         own item (DATA_LOSS). Values travel inline up to 1 MiB each and 3 MiB in
-        all (so that the answer fits gRPC's default 4 MiB message limit); a value
-        beyond that comes back marked `streamed`: read it with Get.
+        all, their metadata included (so that the answer fits gRPC's default 4 MiB
+        message limit); a value beyond that comes back marked `streamed`: read it
+        with Get.
         """
 
     @_abc_1.abstractmethod
