@@ -7,6 +7,7 @@ address from the one line the daemon prints on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -118,11 +119,30 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
     yield _spawn
     for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
+        stop_with_its_workers(daemon.process)
         if daemon.process.stdout is not None:
             daemon.process.stdout.close()
+
+
+def stop_with_its_workers(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, so that a daemon in nanny mode stops the workers it started; SIGKILL
+    past a deadline; then whatever it started that outlived it (a killed nanny cannot
+    stop its workers, which would go on running after the tests)."""
+    if process.poll() is not None:
+        return
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 @pytest.fixture
