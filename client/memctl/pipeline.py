@@ -191,7 +191,8 @@ class _Stream:
             responses = self._responses
         if responses is not None:
             responses.cancel()
-        self._reader.join(CLOSE_WAIT)
+        if threading.current_thread() is not self._reader:
+            self._reader.join(CLOSE_WAIT)
 
 
 class _PipelineBase:
