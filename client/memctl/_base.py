@@ -114,9 +114,8 @@ def is_inline(data: Buffer) -> bool:
     return memoryview(data).nbytes <= MAX_INLINE_VALUE
 
 
-#: The most bytes protobuf adds to a PutMany item or GetMany answer item around its
-#: key, data and metadata: the item's own tag and length, each field's tag and length,
-#: the CRC and the size as varints.
+#: The most bytes protobuf adds to a PutMany item around its key, data and metadata:
+#: the item's own tag and length, each field's tag and length, the CRC as a varint.
 ITEM_FRAMING = 40
 
 
@@ -154,14 +153,7 @@ def get_operation(keys: list[str]) -> pb.Operation:
     return pb.Operation(get_many=pb.GetManyRequest(keys=keys))
 
 
-class EntryBatch(NamedTuple):
-    """Numbered entries for one PutMany message, and the most bytes they take in it."""
-
-    entries: list[tuple[int, PutEntry]]
-    encoded_size: int
-
-
-def batches_of(entries: list[tuple[int, PutEntry]]) -> Iterator[EntryBatch]:
+def batches_of(entries: list[tuple[int, PutEntry]]) -> Iterator[list[tuple[int, PutEntry]]]:
     """Numbered ``entries`` in groups of at most MESSAGE_BUDGET encoded bytes (keys,
     values and metadata: one message each)."""
     batch: list[tuple[int, PutEntry]] = []
@@ -169,12 +161,12 @@ def batches_of(entries: list[tuple[int, PutEntry]]) -> Iterator[EntryBatch]:
     for numbered in entries:
         entry_size = numbered[1].encoded_size
         if batch and size + entry_size > MESSAGE_BUDGET:
-            yield EntryBatch(batch, size)
+            yield batch
             batch, size = [], 0
         batch.append(numbered)
         size += entry_size
     if batch:
-        yield EntryBatch(batch, size)
+        yield batch
 
 
 def key_batches(keys: list[str], per_batch: int = 1000) -> Iterator[list[str]]:
@@ -209,14 +201,13 @@ class PutPlan:
     def operations(self) -> list[tuple[pb.Operation, str]]:
         """One PutMany operation per message, with a key to name in an error."""
         return [
-            (put_operation(entry for _, entry in batch), batch[0][1].key)
-            for batch, _ in self._batches
+            (put_operation(entry for _, entry in batch), batch[0][1].key) for batch in self._batches
         ]
 
     def answered(self, answers: Iterable[pb.OperationResult]) -> list[tuple[int, str, Buffer]]:
         """Take the operations' answers, in order; the values left to stream (index,
         key, data)."""
-        for (batch, _), answer in zip(self._batches, answers, strict=True):
+        for batch, answer in zip(self._batches, answers, strict=True):
             for (index, _), response in zip(batch, answer.put_many.results, strict=True):
                 self._results[index] = put_result(response)
         return [(i, k, v) for i, (k, v) in enumerate(self.pairs) if i not in self._results]

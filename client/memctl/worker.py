@@ -489,7 +489,7 @@ class WorkerSession:
     def _refused(self, exc: grpc.RpcError, *, timed_out: bool) -> Exception:
         """Why an Attach got no session (a function: a local naming the exception
         would tie it to its own traceback in a cycle)."""
-        error = translate(exc, self._address)
+        error = translate(exc, self._address)  # which also frees the call: errors.status_of
         if timed_out:
             return ServiceUnavailable(
                 f"memctl at {self._address} did not answer Attach within {self._timeout} s",

@@ -484,8 +484,9 @@ class Scope:
         for key, held in zip(keys, self.data.read_in_ram(keys), strict=True):
             if held is not None:  # the common case, without a lookup per question
                 size, metadata, crc, data = held
-                if size <= most and size + len(metadata) <= budget:
-                    budget -= size + len(metadata)
+                carried = size + len(metadata)
+                if size <= most and carried <= budget:
+                    budget -= carried
                     reads.append(ManyRead(key, "memory", size, metadata, crc, data))
                 else:
                     reads.append(ManyRead(key, "memory", size, metadata, crc))
