@@ -145,6 +145,23 @@ def stop_with_its_workers(process: subprocess.Popen[str]) -> None:
             child.kill()
 
 
+#: The transports a data-plane test runs over (``pytestmark = DATA_PLANE``).
+TRANSPORTS = ("grpc", "same-host")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once over each transport: clients made without ``transport=``, and
+    the CLI, follow MEMCTL_TRANSPORT. Forced, not auto: a test meant for the
+    same-host channel fails if it cannot be had, rather than passing over gRPC."""
+    monkeypatch.setenv("MEMCTL_TRANSPORT", request.param)
+    return str(request.param)
+
+
+#: Marks a module whose every test runs over both transports.
+DATA_PLANE = pytest.mark.usefixtures("transport")
+
+
 @pytest.fixture
 def daemon(spawn: Callable[..., Daemon]) -> Daemon:
     """One daemon with default settings on a unix socket."""

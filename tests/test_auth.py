@@ -37,11 +37,13 @@ from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.auth import Authenticator
 from memctl_server.edge import SERVICE as SERVICE_DESCRIPTOR
-from tests.conftest import Daemon, run_memctl, start_daemon, wait_until
+from tests.conftest import DATA_PLANE, Daemon, run_memctl, start_daemon, wait_until
 from tests.inprocess import serving
 from tests.test_bad_input import put_stream
 from tests.test_edge import assert_status, eventually, held_open, rpc_error
 from tests.tokens import sending, token_of
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 

@@ -26,11 +26,13 @@ from memctl.pipeline import MAX_OPERATIONS_PER_MESSAGE, _Encoded, _encoded, _gat
 from memctl.protocol import MAX_INLINE_VALUE, MAX_METADATA_BYTES
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, wait_until
+from tests.conftest import DATA_PLANE, Daemon, wait_until
 from tests.inprocess import serving
 from tests.test_integrity import flip_bytes, spill_file
 from tests.test_observability import free_port
 from tests.tokens import raw_channel
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 #: Small values, a value exactly at the inline limit, and two that must stream.
@@ -272,7 +274,8 @@ def test_a_pipeline_without_a_token_is_refused(daemon: Daemon) -> None:
 
 def test_concurrent_calls_from_threads_share_messages(spawn: Callable[..., Daemon]) -> None:
     """32 threads putting and getting through one client: every value is right, and
-    the daemon received fewer messages than operations (memctl.pipeline.*)."""
+    the daemon received fewer messages than operations (memctl.pipeline.*: gRPC's
+    coalescing, so over gRPC only)."""
     metrics_port = free_port()
     daemon = spawn(
         "--set",
@@ -281,7 +284,7 @@ def test_concurrent_calls_from_threads_share_messages(spawn: Callable[..., Daemo
         f"metrics.prometheus-address=127.0.0.1:{metrics_port}",
     )
     errors: list[BaseException] = []
-    with Client(daemon.address) as client:
+    with Client(daemon.address, transport="grpc") as client:
 
         def work(thread: int) -> None:
             try:

@@ -29,8 +29,10 @@ import pytest
 from memctl import Client
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, RssSampler, wait_until
+from tests.conftest import DATA_PLANE, Daemon, RssSampler, wait_until
 from tests.tokens import raw_channel
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 LIMIT = 256 * MiB

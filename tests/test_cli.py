@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from memctl import Client
-from tests.conftest import Daemon, run_memctl
+from tests.conftest import DATA_PLANE, Daemon, run_memctl
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 JEMALLOC = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/libjemalloc.so.2")

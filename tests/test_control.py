@@ -27,8 +27,10 @@ from memctl.errors import FailedPrecondition
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.control import alive_without_heartbeats, process_started
-from tests.conftest import Daemon, run_memctl, wait_until
+from tests.conftest import DATA_PLANE, Daemon, run_memctl, wait_until
 from tests.tokens import raw_channel
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 GROWER = Path(__file__).parent / "workers" / "grower.py"

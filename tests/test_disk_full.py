@@ -24,8 +24,10 @@ from memctl import Client
 from memctl.errors import MemctlError, ResourceExhausted
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANE, Daemon
 from tests.tokens import raw_channel
+
+pytestmark = DATA_PLANE
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from memctl import AsyncClient, Client, MemctlMapping
-from tests.conftest import Daemon, run_memctl, wait_until
+from tests.conftest import DATA_PLANE, Daemon, run_memctl, wait_until
 from tests.tokens import raw_channel
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 

@@ -22,8 +22,10 @@ from memctl.errors import DataLoss, MemctlError
 from memctl.v1 import memctl_pb2 as pb
 from memctl.v1 import memctl_pb2_grpc as pb_grpc
 from memctl_server.spillfile import HEADER_SIZE, SpillFileDamaged, scan_header
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANE, Daemon
 from tests.tokens import raw_channel
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 

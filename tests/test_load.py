@@ -21,7 +21,9 @@ import pytest
 
 from memctl import Client
 from memctl.results import KeyInfo, ScopeStatus
-from tests.conftest import Daemon, RssSampler
+from tests.conftest import DATA_PLANE, Daemon, RssSampler
+
+pytestmark = DATA_PLANE
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from memctl import Client
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANE, Daemon
+
+pytestmark = DATA_PLANE
 
 KiB = 1 << 10
 

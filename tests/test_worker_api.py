@@ -15,7 +15,9 @@ from memctl import Client
 from memctl.errors import FailedPrecondition, InvalidArgument
 from memctl.results import ScopeStatus
 from memctl.worker import Command, SessionInfo
-from tests.conftest import Daemon, wait_until
+from tests.conftest import DATA_PLANE, Daemon, wait_until
+
+pytestmark = DATA_PLANE
 
 MiB = 1 << 20
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,15 @@ import grpc
 
 from . import chunks
 from .auth import AUTHORIZATION_METADATA_KEY, CLIENT_METADATA_KEY, SCOPE_METADATA_KEY, TokenSource
-from .errors import DataLoss, InvalidArgument, MemctlError, from_failure, translate
+from .errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    MemctlError,
+    ServiceUnavailable,
+    from_failure,
+    translate,
+)
 from .protocol import (
     CHUNK_SIZE,
     MAX_INLINE_VALUE,
@@ -27,6 +36,7 @@ from .protocol import (
     metadata_problem,
 )
 from .results import EvictResult, PutResult, StoredValue, TrimResult, location_name
+from .samehost import SameHostConnection
 from .v1 import memctl_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:7075"
@@ -389,6 +399,102 @@ def channel_credentials(
 
 Metadata = tuple[tuple[str, str], ...]
 
+#: Environment variable choosing a client's transport when ``transport=`` is not given.
+TRANSPORT_VARIABLE = "MEMCTL_TRANSPORT"
+#: auto: the same-host channel when the daemon has one this client can reach, else
+#: gRPC; grpc: gRPC only; same-host: the channel, or an error saying why not.
+TRANSPORTS = ("auto", "grpc", "same-host")
+
+
+def resolve_transport(transport: str | None) -> str:
+    chosen = transport or os.environ.get(TRANSPORT_VARIABLE) or "auto"
+    if chosen not in TRANSPORTS:
+        raise InvalidArgument(
+            f"transport {chosen!r} is not one of {', '.join(TRANSPORTS)}"
+            + ("" if transport else f" (from {TRANSPORT_VARIABLE})")
+        )
+    return chosen
+
+
+class UseGrpc:
+    """What ``over_channel`` gives when the operation is to go over gRPC."""
+
+
+USE_GRPC = UseGrpc()
+
+
+def check_value_input(key: str, metadata: bytes) -> None:
+    check_key(key)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise InvalidArgument(problem)
+
+
+class SameHostLink:
+    """Finds, opens and keeps a client's same-host connection (``memctl.samehost``).
+
+    The daemon says where its channel is in Status; the connection's HELLO carries
+    the client's token and its session or scope, so it is dropped (and opened again
+    at the next call) whenever those change.
+    """
+
+    def __init__(self, mode: str, address: str):
+        self.mode = mode
+        self.address = address
+        self.connection: SameHostConnection | None = None
+        #: Why auto mode settled on gRPC (None: not settled).
+        self.unavailable: str | None = None
+        self.lock = threading.Lock()
+
+    def current(self) -> SameHostConnection | None:
+        """The open connection, if it is still good."""
+        connection = self.connection
+        if connection is not None and connection.broken is None:
+            return connection
+        return None
+
+    def open(
+        self, info: pb.SameHost | None, metadata: Metadata, timeout: float
+    ) -> SameHostConnection | None:
+        """Connect to the channel ``info`` describes; None (gRPC from now on) in auto
+        mode when there is none or it cannot be reached; an error when forced."""
+        try:
+            if info is None or not info.socket_path:
+                raise FailedPrecondition(
+                    f"memctl at {self.address} has no same-host channel (same-host.enabled "
+                    "is false, or it is older than this client); use transport='grpc'"
+                )
+            fields = dict(metadata)
+            connection = SameHostConnection(
+                info.socket_path,
+                token=fields.get(AUTHORIZATION_METADATA_KEY, "").partition(" ")[2],
+                session=fields.get(SESSION_METADATA_KEY, ""),
+                scope=fields.get(SCOPE_METADATA_KEY, ""),
+                instance_id=info.instance_id,
+                timeout=timeout,
+                address=self.address,
+            )
+        except (FailedPrecondition, ServiceUnavailable) as exc:
+            if self.mode == "same-host":
+                raise
+            self.unavailable = str(exc)
+            return None
+        self.connection = connection
+        return connection
+
+    def drop(self, broken: SameHostConnection | None = None) -> None:
+        """Close the connection (only if it is still ``broken``, when given)."""
+        connection = self.connection
+        if connection is None or (broken is not None and connection is not broken):
+            return
+        self.connection = None
+        connection.close()
+
+
+def same_host_of(status: pb.StatusResponse) -> pb.SameHost | None:
+    service = status.service
+    return service.same_host if service.HasField("same_host") else None
+
 
 class ClientBase:
     """Settings both clients hold: where the daemon is, how to prove who we are."""
@@ -405,8 +511,11 @@ class ClientBase:
         tls_ca: PathLike | None = None,
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
+        transport: str | None = None,
     ):
         self.address = resolve_address(address)
+        self.transport = resolve_transport(transport)
+        self._same_host = SameHostLink(self.transport, self.address)
         self.timeout = timeout
         self.credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         try:
@@ -428,8 +537,10 @@ class ClientBase:
 
     @metadata.setter
     def metadata(self, value: Metadata) -> None:
-        """Replace the call metadata but the token (which follows its file)."""
+        """Replace the call metadata but the token (which follows its file); the
+        same-host connection, whose HELLO carried the old, is dropped."""
         self._metadata = tuple(i for i in value if i[0] != AUTHORIZATION_METADATA_KEY)
+        self._same_host.drop()
 
     def _open_channel(self) -> None:
         """Make the channel and stub (blocking or asyncio)."""

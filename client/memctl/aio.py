@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
 from . import _base
-from ._base import Buffer, ClientBase, rpc_errors
+from ._base import USE_GRPC, Buffer, ClientBase, UseGrpc, rpc_errors
 from .pipeline import AsyncPipeline
 from .results import (
     EventRecord,
@@ -20,8 +21,11 @@ from .results import (
     StoredValue,
     TrimResult,
 )
+from .samehost import ChannelBroken, SameHostConnection
 from .v1 import memctl_pb2 as pb
 from .v1 import memctl_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
 
 
 class AsyncClient(ClientBase):
@@ -39,7 +43,41 @@ class AsyncClient(ClientBase):
             _base.pipeline_call(self._channel), self.address, lambda: self.metadata
         )
 
+    async def _connection(self) -> SameHostConnection | None:
+        """The same-host connection data calls use; None: gRPC."""
+        link = self._same_host
+        if link.mode == "grpc" or link.unavailable is not None:
+            return None
+        connection = link.current()
+        if connection is None:
+            info = _base.same_host_of(await self._status())
+            connection = link.current()  # another task may have opened it meanwhile
+            if connection is None and link.unavailable is None:
+                link.drop()
+                connection = link.open(info, self.metadata, self.timeout)
+        return connection
+
+    async def _over_channel(self, operation: Callable[[SameHostConnection], R]) -> R | UseGrpc:
+        """``operation`` over the same-host channel, on a worker thread (the channel's
+        client is blocking), or USE_GRPC. A broken connection is found again once."""
+        retried = False
+        while True:
+            connection = await self._connection()
+            if connection is None:
+                return USE_GRPC
+            try:
+                return await asyncio.to_thread(operation, connection)
+            except ChannelBroken:
+                self._same_host.drop(connection)
+                if retried:
+                    raise
+                retried = True
+
     async def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
+        _base.check_value_input(key, metadata)
+        done = await self._over_channel(lambda c: c.put(key, data, metadata, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
         if not _base.is_inline(data):
             return await self._put_streamed(key, data, metadata)
         entry = _base.put_entry(key, data, metadata)
@@ -57,7 +95,13 @@ class AsyncClient(ClientBase):
     async def put_many(
         self, items: Mapping[str, Buffer] | Iterable[tuple[str, Buffer]], metadata: bytes = b""
     ) -> list[PutResult]:
-        plan = _base.PutPlan(items, metadata)
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        for key, _ in pairs:
+            _base.check_value_input(key, metadata)
+        done = await self._over_channel(lambda c: c.put_many(pairs, metadata, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
+        plan = _base.PutPlan(pairs, metadata)
         answers = await asyncio.gather(
             *(self._pipeline.call(op, self.timeout, key) for op, key in plan.operations())
         )
@@ -67,6 +111,11 @@ class AsyncClient(ClientBase):
 
     async def get_value(self, key: str) -> StoredValue:
         _base.check_key(key)
+        done = await self._over_channel(lambda c: c.get(key, view=False, timeout=self.timeout))
+        if not isinstance(done, UseGrpc):
+            data, metadata, location = done
+            assert isinstance(data, bytes)
+            return StoredValue(data, metadata, location)
         result = await self._pipeline.call(_base.get_operation([key]), self.timeout, key)
         item = result.get_many.items[0]
         if item.streamed:
@@ -88,10 +137,23 @@ class AsyncClient(ClientBase):
     async def get(self, key: str) -> bytes:
         return (await self.get_value(key)).data
 
+    async def get_view(self, key: str) -> memoryview:
+        _base.check_key(key)
+        done = await self._over_channel(lambda c: c.get(key, view=True, timeout=self.timeout))
+        if not isinstance(done, UseGrpc):
+            data = done[0]
+            return data if isinstance(data, memoryview) else memoryview(data)
+        return memoryview((await self.get_value(key)).data)
+
     async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         names = _base.keys_list(keys)
         if not names:
             return {}
+        done = await self._over_channel(
+            lambda c: c.get_many(list(_base.key_batches(names)), self.timeout)
+        )
+        if not isinstance(done, UseGrpc):
+            return done
         answers = await asyncio.gather(
             *(
                 self._pipeline.call(_base.get_operation(batch), self.timeout)
@@ -106,6 +168,9 @@ class AsyncClient(ClientBase):
 
     async def stat(self, key: str) -> KeyInfo:
         _base.check_key(key)
+        done = await self._over_channel(lambda c: c.stat(key, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
         operation = pb.Operation(stat=pb.StatRequest(key=key))
         result = await self._pipeline.call(operation, self.timeout, key)
         return KeyInfo.from_pb(result.stat.info)
@@ -134,10 +199,14 @@ class AsyncClient(ClientBase):
         return _base.evict_result(response)
 
     async def delete(self, keys: str | Iterable[str]) -> int:
+        batches = list(_base.key_batches(_base.keys_list(keys)))
+        done = await self._over_channel(lambda c: c.delete(batches, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
         answers = await asyncio.gather(
             *(
                 self._pipeline.call(pb.Operation(delete=pb.DeleteRequest(keys=batch)), self.timeout)
-                for batch in _base.key_batches(_base.keys_list(keys))
+                for batch in batches
             )
         )
         return sum(int(answer.delete.deleted) for answer in answers)
@@ -146,11 +215,14 @@ class AsyncClient(ClientBase):
         return await self.delete(keys)
 
     async def status(self) -> Status:
+        return Status.from_pb(await self._status())
+
+    async def _status(self) -> pb.StatusResponse:
         with rpc_errors(self.address):
-            response = await self._stub.Status(
+            response: pb.StatusResponse = await self._stub.Status(
                 pb.StatusRequest(), timeout=self.timeout, metadata=self.metadata
             )
-        return Status.from_pb(response)
+        return response
 
     async def trim(self, workers: bool = False) -> TrimResult:
         with rpc_errors(self.address):
@@ -170,6 +242,7 @@ class AsyncClient(ClientBase):
         return [EventRecord.from_pb(event) for event in response.events]
 
     async def close(self) -> None:
+        self._same_host.drop()
         self._pipeline.close()
         await self._channel.close()
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
 from . import _base
-from ._base import Buffer, ClientBase, rpc_errors
+from ._base import USE_GRPC, Buffer, ClientBase, UseGrpc, rpc_errors
 from .auth import RESUME_SECRET_VARIABLE, WORKER_ID_VARIABLE
 from .errors import InvalidArgument
 from .pipeline import Pipeline
@@ -23,9 +24,12 @@ from .results import (
     StoredValue,
     TrimResult,
 )
+from .samehost import ChannelBroken, SameHostConnection
 from .v1 import memctl_pb2 as pb
 from .v1 import memctl_pb2_grpc as pb_grpc
 from .worker import WorkerSession
+
+R = TypeVar("R")
 
 
 class Client(ClientBase):
@@ -44,6 +48,12 @@ class Client(ClientBase):
     ``MEMCTL_TLS_CERT``, ``MEMCTL_TLS_KEY``. ``scope`` makes every data call act on
     that scope (a worker id, or "service") instead of the client's own: it needs the
     daemon's own token.
+
+    ``transport``: "auto" (the default, else ``MEMCTL_TRANSPORT``) sends Put, Get,
+    Delete, Stat and the batches over the daemon's same-host channel when this
+    process can reach it (large values as shared memory; ``memctl.samehost``), and
+    over gRPC otherwise; "grpc" always uses gRPC; "same-host" always uses the
+    channel, raising ``FailedPrecondition`` or ``ServiceUnavailable`` when it cannot.
     """
 
     def _open_channel(self) -> None:
@@ -58,13 +68,52 @@ class Client(ClientBase):
             _base.pipeline_call(self._channel), self.address, lambda: self.metadata
         )
 
+    def _connection(self) -> SameHostConnection | None:
+        """The same-host connection data calls use; None: gRPC."""
+        link = self._same_host
+        if link.mode == "grpc" or link.unavailable is not None:
+            return None
+        connection = link.current()
+        if connection is not None:
+            return connection
+        with link.lock:
+            connection = link.current()
+            if connection is None and link.unavailable is None:
+                link.drop()
+                info = _base.same_host_of(self._status())
+                connection = link.open(info, self.metadata, self.timeout)
+            return connection
+
+    def _over_channel(self, operation: Callable[[SameHostConnection], R]) -> R | UseGrpc:
+        """``operation`` over the same-host channel, or USE_GRPC when this client uses
+        gRPC. A broken connection (the daemon restarted) is found again once."""
+        retried = False
+        while True:
+            connection = self._connection()
+            if connection is None:
+                return USE_GRPC
+            try:
+                return operation(connection)
+            except ChannelBroken:
+                self._same_host.drop(connection)
+                if retried:
+                    raise
+                retried = True
+
     def put(self, key: str, data: Buffer, metadata: bytes = b"") -> PutResult:
         """Store ``data`` under ``key``; atomic: readers see the old value or the new.
 
-        A value up to 1 MiB travels whole in one message, shared with whatever other
+        On the daemon's host, over the same-host channel: a value of 1 MiB or more
+        (``same-host.segment-threshold``) is written into a sealed memfd that the
+        daemon adopts as it is; smaller ones travel in one frame. Over gRPC, a value
+        up to 1 MiB travels whole in one message, shared with whatever other
         threads of this process are sending (see ``memctl.pipeline``); larger ones
         are streamed in chunks.
         """
+        _base.check_value_input(key, metadata)
+        done = self._over_channel(lambda c: c.put(key, data, metadata, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
         if not _base.is_inline(data):
             return self._put_streamed(key, data, metadata)
         entry = _base.put_entry(key, data, metadata)
@@ -85,7 +134,13 @@ class Client(ClientBase):
         """Store several values (a mapping or key-value pairs), in as few messages as
         fit them; results in the order given. Each message is all or nothing; a
         failure raises, and values of messages already answered stay stored."""
-        plan = _base.PutPlan(items, metadata)
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        for key, _ in pairs:
+            _base.check_value_input(key, metadata)
+        done = self._over_channel(lambda c: c.put_many(pairs, metadata, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
+        plan = _base.PutPlan(pairs, metadata)
         sent = [(self._pipeline.send(op), key) for op, key in plan.operations()]
         answers = [self._pipeline.wait(one, self.timeout, key) for one, key in sent]
         for index, key, value in plan.answered(answers):
@@ -95,6 +150,11 @@ class Client(ClientBase):
     def get_value(self, key: str) -> StoredValue:
         """The value under ``key`` with its metadata and where it was."""
         _base.check_key(key)
+        done = self._over_channel(lambda c: c.get(key, view=False, timeout=self.timeout))
+        if not isinstance(done, UseGrpc):
+            data, metadata, location = done
+            assert isinstance(data, bytes)
+            return StoredValue(data, metadata, location)
         result = self._pipeline.call(_base.get_operation([key]), self.timeout, key)
         item = result.get_many.items[0]
         if item.streamed:
@@ -117,12 +177,30 @@ class Client(ClientBase):
         """The value under ``key``; ``KeyError`` if there is none."""
         return self.get_value(key).data
 
+    def get_view(self, key: str) -> memoryview:
+        """The value under ``key`` as a read-only memoryview. Over the same-host channel
+        a value of 1 MiB or more is the daemon's shared-memory segment itself, mapped:
+        no byte is copied, and the view stays valid for as long as it is held, even
+        if the key is deleted, replaced or spilled meanwhile. Otherwise a view of the
+        bytes ``get`` returns."""
+        _base.check_key(key)
+        done = self._over_channel(lambda c: c.get(key, view=True, timeout=self.timeout))
+        if not isinstance(done, UseGrpc):
+            data = done[0]
+            return data if isinstance(data, memoryview) else memoryview(data)
+        return memoryview(self.get_value(key).data)
+
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values under ``keys`` that exist (missing keys are left out), fetched
         in as few messages as carry them."""
         names = _base.keys_list(keys)
         if not names:
             return {}
+        done = self._over_channel(
+            lambda c: c.get_many(list(_base.key_batches(names)), self.timeout)
+        )
+        if not isinstance(done, UseGrpc):
+            return done
         sent = [
             self._pipeline.send(_base.get_operation(batch)) for batch in _base.key_batches(names)
         ]
@@ -136,6 +214,9 @@ class Client(ClientBase):
     def stat(self, key: str) -> KeyInfo:
         """Size and location of a value, without reading it."""
         _base.check_key(key)
+        done = self._over_channel(lambda c: c.stat(key, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
         operation = pb.Operation(stat=pb.StatRequest(key=key))
         result = self._pipeline.call(operation, self.timeout, key)
         return KeyInfo.from_pb(result.stat.info)
@@ -167,9 +248,13 @@ class Client(ClientBase):
 
     def delete(self, keys: str | Iterable[str]) -> int:
         """Remove values; how many of them existed."""
+        batches = list(_base.key_batches(_base.keys_list(keys)))
+        done = self._over_channel(lambda c: c.delete(batches, self.timeout))
+        if not isinstance(done, UseGrpc):
+            return done
         sent = [
             self._pipeline.send(pb.Operation(delete=pb.DeleteRequest(keys=batch)))
-            for batch in _base.key_batches(_base.keys_list(keys))
+            for batch in batches
         ]
         return sum(int(self._pipeline.wait(one, self.timeout).delete.deleted) for one in sent)
 
@@ -178,11 +263,14 @@ class Client(ClientBase):
         return self.delete(keys)
 
     def status(self) -> Status:
+        return Status.from_pb(self._status())
+
+    def _status(self) -> pb.StatusResponse:
         with rpc_errors(self.address):
-            response = self._stub.Status(
+            response: pb.StatusResponse = self._stub.Status(
                 pb.StatusRequest(), timeout=self.timeout, metadata=self.metadata
             )
-        return Status.from_pb(response)
+        return response
 
     def trim(self, workers: bool = False) -> TrimResult:
         """Ask the service (and, with ``workers``, attached workers) to malloc_trim."""
@@ -247,6 +335,7 @@ class Client(ClientBase):
         return [EventRecord.from_pb(event) for event in response.events]
 
     def close(self) -> None:
+        self._same_host.drop()
         self._pipeline.close()
         self._channel.close()
 

@@ -49,6 +49,7 @@ NON_CONFIG_VARIABLES = frozenset(
         "MEMCTL_TLS_CA",
         "MEMCTL_TLS_CERT",
         "MEMCTL_TLS_KEY",
+        "MEMCTL_TRANSPORT",
     }
 )
 _ENV_PREFIX = "MEMCTL_"
@@ -339,6 +340,19 @@ def _message_size(value: object) -> int:
     return size
 
 
+def _segment_threshold(value: object) -> int:
+    try:
+        size = _byte_budget(value)
+    except ValueError:
+        size = False
+    if size is False or not 4096 <= size <= 1024**3:
+        raise ValueError(
+            'is not allowed; use a size from 4 KiB to 1 GiB, like "1 MiB" (smaller values '
+            "travel inline in frames)"
+        )
+    return size
+
+
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -353,6 +367,7 @@ _AuthMode = Annotated[Literal["token", "none"], PlainValidator(_auth_mode)]
 _FileMode = Annotated[str, PlainValidator(_file_mode)]
 _Group = Annotated[str | None, PlainValidator(_group)]
 _MessageSize = Annotated[int, PlainValidator(_message_size)]
+_SegmentThreshold = Annotated[int, PlainValidator(_segment_threshold)]
 _Fraction = Annotated[Threshold, PlainValidator(_fraction)]
 _Exporters = Annotated[tuple[str, ...] | None, PlainValidator(_exporters)]
 _OptionalAddress = Annotated[str | None, PlainValidator(_optional_address)]
@@ -499,6 +514,24 @@ class LimitsConfig(_Section):
     max_sessions_per_client: _PositiveInt = 64
 
 
+class SameHostConfig(_Section):
+    """The same-host channel: a unix socket beside gRPC for clients on this host, with
+    large values passed as shared memory (the protocol: protos/SAME_HOST.md)."""
+
+    enabled: _Bool = True
+    #: The channel's unix socket; null: ``channel-<hash of address>.sock`` in the
+    #: runtime directory.
+    socket: _OptionalPath = None
+    #: Where the daemon makes its directory for clients that cannot pass file
+    #: descriptors (they write large values there as files); null: /dev/shm.
+    shm_directory: _OptionalPath = None
+    #: Values of at least this size travel as shared-memory segments, smaller ones
+    #: inline in frames.
+    segment_threshold: _SegmentThreshold = 1024 * 1024
+    #: Connections open at once.
+    max_connections: _PositiveInt = 1024
+
+
 class ServiceConfig(_Section):
     """The whole configuration; ``load_config`` builds it."""
 
@@ -521,6 +554,7 @@ class ServiceConfig(_Section):
     unix_socket_group: _Group = None
     tls: TlsConfig = Field(default_factory=TlsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    same_host: SameHostConfig = Field(default_factory=SameHostConfig)
     memory_limit: _MemoryLimit = "auto"
     local_directory: _Directory = Field(default_factory=tempfile.gettempdir)
     #: Keep values across restarts: spill files in <local-directory>/memctl-data, every

@@ -24,6 +24,7 @@ import psutil
 import memctl.chunks
 from memctl import __version__
 from memctl.protocol import (
+    CHUNK_SIZE,
     MAX_INLINE_VALUE,
     MESSAGE_BUDGET,
     SERVICE_SCOPE,
@@ -57,6 +58,7 @@ from .scopes import (
     ValueRead,
     target_bytes,
 )
+from .segments import LEDGER, Segment, new_segment
 from .spillfile import SpillFileDamaged, SpillReader, SpillWriter, checksum, header_length
 from .store import Compression, SpillBudget, SpillBuffer, SpillFailed, Value, nbytes
 
@@ -105,6 +107,14 @@ class PipelineCounts:
     operations: int = 0
 
 
+@dataclass
+class SameHostCounts:
+    """Same-host channel traffic (event loop writes, metrics read)."""
+
+    connections: int = 0
+    operations: int = 0
+
+
 @dataclass(frozen=True)
 class ScopeSnapshot:
     """One scope's readings at one moment. Readers off the event loop use ``scope``
@@ -132,6 +142,7 @@ class MemoryService:
         self.budget = SpillBudget(settings.max_spill)
         self.events = EventLog()
         self.pipeline = PipelineCounts()
+        self.same_host = SameHostCounts()
         self._store_factory = (
             load_factory(settings.store_factory) if settings.store_factory else None
         )
@@ -332,8 +343,10 @@ class MemoryService:
         chunks: AsyncIterator[Value],
         *,
         wait: float,
+        segment: Segment | None = None,
     ) -> Route:
-        """Receive a value and store it; where it went.
+        """Receive a value and store it; where it went. A ``segment`` (same-host
+        channel) is stored as it is if it goes to RAM; ``chunks`` are its pieces.
 
         Room is reserved before any data arrives (``Scope.route``): in RAM, the bytes
         are collected as they arrive; on disk, they are streamed into the spill file
@@ -341,12 +354,16 @@ class MemoryService:
         The value becomes visible only once complete and checked; a failed, short or
         cancelled Put leaves nothing behind and the old value intact.
         """
-        self._check_value(request.key, request.metadata, request.size, f"Put of {request.key!r}")
+        self.check_value(request.key, request.metadata, request.size, f"Put of {request.key!r}")
         header_size = header_length(scope.name, request.key, request.metadata, request.size)
         route = await self._reserve(scope, request.size, header_size, wait)
         try:
             if route == "memory":
-                data, crc = await _receive(request, chunks)
+                data: Value
+                if segment is not None:
+                    data, crc = segment, 0  # its CRC is computed when first needed
+                else:
+                    data, crc = await _receive(request, chunks)
                 moved = await self._in_scope(
                     scope,
                     _spills_during,
@@ -380,6 +397,50 @@ class MemoryService:
         self._settle_later(scope, reason)
         return location
 
+    async def put_segment(
+        self, scope: Scope, key: str, metadata: bytes, segment: Segment, *, wait: float
+    ) -> Route:
+        """Store a shared-memory segment as a value: the segment itself when it goes to
+        RAM with the built-in store, else its bytes (written to disk, or to a user's
+        store)."""
+        request = PutRequest(key, len(segment), metadata)
+        keep = segment if self._store_factory is None else None
+        return await self.put(scope, request, _pieces(segment), wait=wait, segment=keep)
+
+    async def share(
+        self, scope: Scope, key: str, threshold: int
+    ) -> tuple[ValueRead, Segment | None]:
+        """A value for a same-host Get: a value of ``threshold`` bytes or more as a
+        segment (the one it is stored as, or one made now and stored instead of its
+        bytes, so the next Get costs nothing); smaller ones, and all with a user's
+        store, as ``get`` reads them."""
+        if self._store_factory is not None:
+            return await self.get(scope, key), None
+        _check_key(key)
+        try:
+            moved = await self._in_scope(scope, _spills_during, scope, scope.share, key, threshold)
+        except DataLoss as exc:
+            self._record_loss(scope, exc)
+            raise
+        if moved.values:
+            self._record_spill(
+                scope, f"Get of {key!r} brought it back to RAM, over the target", moved
+            )
+        return moved.result
+
+    async def segment_of(self, scope: Scope, key: str, reader: SpillReader, size: int) -> Segment:
+        """A value streamed from its spill file into a new segment, checked whole
+        (DataLoss if the file is damaged): for a same-host Get of a value too large
+        for RAM."""
+        try:
+            return await self._on_store_thread(new_segment, _read_all(reader), size)
+        except SpillFileDamaged as exc:
+            loss = await self._in_scope(scope, scope.lose, key, str(exc), reader.path)
+            self._record_loss(scope, loss)
+            raise loss from None
+        finally:
+            self.close_reader(reader)
+
     async def put_many(
         self, scope: Scope, items: Sequence[InlineValue], *, wait: float
     ) -> list[Route]:
@@ -388,18 +449,10 @@ class MemoryService:
         to the store thread for the lot, which is what makes batches cheap."""
         if not items:
             raise InvalidArgument("PutMany with no items; send at least one value")
-        for index, item in enumerate(items):
-            try:
-                self._check_inline(item)
-            except (InvalidArgument, ResourceExhausted, DataLoss) as exc:
-                raise type(exc)(
-                    f"item {index} of {len(items)}: {exc}; nothing was stored"
-                ) from None
-        deadline = time.monotonic() + wait
-        with self._owned(scope) as owned:
-            stored = _put_in_ram(scope, items) if owned else None
+        stored = self.put_many_now(scope, items)
         if stored is not None:
             return stored
+        deadline = time.monotonic() + wait
         while True:
             moved = await self._in_scope(scope, _spills_during, scope, _put_batch, scope, items)
             if moved.result is not None:
@@ -411,6 +464,22 @@ class MemoryService:
             self._record_spill(scope, reason, moved)
         self._settle_later(scope, reason)
         return moved.result
+
+    def put_many_now(self, scope: Scope, items: Sequence[InlineValue]) -> list[Route] | None:
+        """``put_many`` without leaving the event loop, when the items fit in RAM with
+        nothing to spill; None (nothing stored, the items checked) when they need the
+        store thread. Raises for bad items."""
+        if not items:
+            raise InvalidArgument("PutMany with no items; send at least one value")
+        for index, item in enumerate(items):
+            try:
+                self._check_inline(item)
+            except (InvalidArgument, ResourceExhausted, DataLoss) as exc:
+                raise type(exc)(
+                    f"item {index} of {len(items)}: {exc}; nothing was stored"
+                ) from None
+        with self._owned(scope) as owned:
+            return _put_in_ram(scope, items) if owned else None
 
     def _settle_later(self, scope: Scope, reason: str) -> None:
         """Spill what a Put took over the target, behind its answer, not in front of it."""
@@ -426,7 +495,7 @@ class MemoryService:
             self._record_spill(scope, reason, moved)
         self.room_changed()
 
-    def _check_value(self, key: str, metadata: bytes, size: int, what: str) -> None:
+    def check_value(self, key: str, metadata: bytes, size: int, what: str) -> None:
         """What Put and PutMany check of a value before taking it: the key, the
         metadata, and ``limits.max-value-size``; ``what`` names it in the message."""
         _check_key(key)
@@ -451,7 +520,7 @@ class MemoryService:
                 f"one message up to {format_bytes(MAX_INLINE_VALUE)}: send it with Put, "
                 "which streams it"
             )
-        self._check_value(item.key, item.metadata, size, repr(item.key))
+        self.check_value(item.key, item.metadata, size, repr(item.key))
         crc = checksum(item.data)
         if item.crc is not None and crc != item.crc:
             raise DataLoss(
@@ -463,17 +532,40 @@ class MemoryService:
     async def get_many(self, scope: Scope, keys: Sequence[str]) -> list[ManyRead]:
         """Several values at once, inline up to ``MESSAGE_BUDGET`` in all; the rest
         marked for Get. A damaged value fails its own item only."""
+        in_ram = self.get_many_now(scope, keys)
+        if in_ram is not None:
+            return in_ram
+        return await self.get_many_later(scope, keys)
+
+    def get_many_now(
+        self,
+        scope: Scope,
+        keys: Sequence[str],
+        budget: int = MESSAGE_BUDGET,
+        most: int = MAX_INLINE_VALUE,
+    ) -> list[ManyRead] | None:
+        """``get_many`` without leaving the event loop, when every value is in RAM (or
+        missing); None when some are on disk. Values over ``most`` bytes, or past
+        ``budget`` in all, are only described. Raises for bad keys."""
         if not keys:
             raise InvalidArgument("GetMany with no keys; name at least one")
         for key in keys:
             _check_key(key)
         with self._owned(scope) as owned:
             if owned:
-                in_ram = scope.read_many(keys, MESSAGE_BUDGET, MAX_INLINE_VALUE, ram_only=True)
-                if in_ram is not None:
-                    return in_ram
+                return scope.read_many(keys, budget, most, ram_only=True)
+        return None
+
+    async def get_many_later(
+        self,
+        scope: Scope,
+        keys: Sequence[str],
+        budget: int = MESSAGE_BUDGET,
+        most: int = MAX_INLINE_VALUE,
+    ) -> list[ManyRead]:
+        """``get_many`` on the store thread, for keys already checked."""
         moved = await self._in_scope(
-            scope, _spills_during, scope, scope.read_many, keys, MESSAGE_BUDGET, MAX_INLINE_VALUE
+            scope, _spills_during, scope, scope.read_many, keys, budget, most
         )
         assert moved.result is not None  # only ram_only reads give up
         for read in moved.result:
@@ -597,11 +689,19 @@ class MemoryService:
         self.events.record("data_loss", scope.name, str(loss), self.readings_now(scope))
 
     async def stat(self, scope: Scope, key: str) -> KeyInfo:
+        info = self.stat_now(scope, key)
+        if info is not None:
+            return info
+        return await self._in_scope(scope, scope.stat, key)
+
+    def stat_now(self, scope: Scope, key: str) -> KeyInfo | None:
+        """``stat`` on the event loop when the store thread is not busy with the scope;
+        None otherwise. Raises NotFound, InvalidArgument."""
         _check_key(key)
         with self._owned(scope) as owned:
             if owned:  # reads only what is in RAM
                 return scope.stat(key)
-        return await self._in_scope(scope, scope.stat, key)
+        return None
 
     async def list_keys(
         self, scope: Scope, *, prefix: str, page_size: int, page_token: str
@@ -641,21 +741,34 @@ class MemoryService:
         return result
 
     async def delete(self, scope: Scope, keys: Sequence[str]) -> int:
+        deleted = self.delete_now(scope, keys)
+        if deleted is None:
+            deleted = await self._in_scope(scope, scope.delete, keys)
+            self.room_changed()
+        return deleted
+
+    def delete_now(self, scope: Scope, keys: Sequence[str]) -> int | None:
+        """``delete`` on the event loop when the keys are in RAM (or missing) and the
+        store thread is not busy with the scope; None otherwise."""
         if not keys:
             raise InvalidArgument("name at least one key to delete")
         for key in keys:
             _check_key(key)
         with self._owned(scope) as owned:
             deleted = scope.delete(keys) if owned and _in_ram(scope, keys) else None
-        if deleted is None:
-            deleted = await self._in_scope(scope, scope.delete, keys)
-        self.room_changed()
+        if deleted is not None:
+            self.room_changed()
         return deleted
 
     # --- readings -----------------------------------------------------------------------
     def measure(self) -> None:
-        """Read this daemon's RSS and publish it (the monitor, once per tick)."""
-        self.service_rss = int(self.process.memory_info().rss)
+        """Read this daemon's memory and publish it (the monitor, once per tick): its
+        RSS, with its shared-memory segments counted whole rather than as far as its
+        own mappings have touched them."""
+        rss = int(self.process.memory_info().rss)
+        if LEDGER.count:
+            rss = rss - rss_shmem() + LEDGER.bytes
+        self.service_rss = rss
 
     def snapshot(self, *, record: bool = False) -> list[ScopeSnapshot]:
         """Every scope's readings as last measured, the service scope first.
@@ -757,10 +870,34 @@ class InlineValue:
     """One value of a PutMany, whole."""
 
     key: str
-    data: bytes
+    data: bytes | memoryview
     metadata: bytes
     #: The client's CRC32C if it sent one; once checked (``_check_inline``), the value's.
     crc: int | None = None
+
+
+def rss_shmem() -> int:
+    """Bytes of shared memory counted in this process's RSS (Linux; else 0)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+async def _pieces(segment: Segment) -> AsyncIterator[Value]:
+    """A segment as Put chunks, views of it (for the disk route)."""
+    view = memoryview(segment)
+    for start in range(0, len(view), CHUNK_SIZE):
+        yield view[start : start + CHUNK_SIZE]
+
+
+def _read_all(reader: SpillReader) -> Iterator[bytes]:
+    while piece := reader.read():
+        yield piece
 
 
 def _spill_down(scope: Scope, goal: int) -> EvictResult:

@@ -11,6 +11,7 @@ domain is in ``core.py``; the call rules every method shares in ``edge.py``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import signal
@@ -21,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from memctl import wire
 from memctl.auth import runtime_directory, unix_socket_path
 from memctl.sizes import format_bytes
 from memctl.trim import pin_mmap_threshold
@@ -35,6 +37,7 @@ from .auth import (
     remove_token_file,
     write_token_file,
 )
+from .channel import ChannelSettings, SameHostChannel
 from .config import ServiceConfig as Config
 from .control import ControlPlane
 from .core import MemoryService, ServiceSettings
@@ -42,10 +45,11 @@ from .edge import add_memctl_service
 from .engine import EngineSettings, Thresholds
 from .errors import MemctlError, StartupError
 from .limits import resolve_memory_limit, total_memory_with_source
-from .listener import bind, check_bind_rules, server_credentials, warn_insecure
+from .listener import bind, check_bind_rules, claim_unix_socket, server_credentials, warn_insecure
 from .metrics import Metrics, MetricsError, start_metrics
 from .monitor import Monitor
 from .nanny import Nanny
+from .segments import ShmDirectory
 from .service import MemctlServicer
 from .spilldir import SpillDirectory, create_spill_directory, open_persistent_directory
 from .store import resolve_compression
@@ -55,6 +59,8 @@ logger = logging.getLogger("memctl")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemctlService"].full_name
 #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
 DRAIN_GRACE = 5.0
+#: Seconds between sweeps of the shared-memory directory for abandoned files.
+SHM_SWEEP_INTERVAL = 10.0
 #: Calls gRPC core may hold, per method, before the aio server picks them up.
 MAX_QUEUED_CALLS = 50_000
 
@@ -135,8 +141,10 @@ class MemctlServer:
         health_servicer: health.aio.HealthServicer,
         address: str,
         authenticator: Authenticator,
+        channel: SameHostChannel | None = None,
     ):
         self.config = config
+        self.channel = channel
         self.spill = spill
         self.core = core
         self.control = control
@@ -167,6 +175,10 @@ class MemctlServer:
             )
             self.control.evaluator = monitor
             self._background.append(asyncio.create_task(monitor.run()))
+            if self.channel is not None:
+                self.channel.start()
+                if self.channel.shm is not None:
+                    self._background.append(asyncio.create_task(_sweep(self.channel.shm)))
             if config.nanny.worker:
                 self.nanny = Nanny(
                     config.nanny.worker,
@@ -203,6 +215,8 @@ class MemctlServer:
             if self.nanny is not None:
                 await self.nanny.stop()
             await self.server.stop(grace)
+            if self.channel is not None:
+                self.channel.close()
             if self.core.settings.persist:
                 await self.core.write_all_to_disk()
         finally:
@@ -214,6 +228,8 @@ class MemctlServer:
             task.cancel()
         if self.metrics is not None:
             self.metrics.shutdown()
+        if self.channel is not None:
+            self.channel.close()
         self.core.close()
         self.spill.close(remove=not self.core.settings.persist)
         _release_listener(self.address, self.authenticator)
@@ -224,6 +240,69 @@ class MemctlServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+async def _sweep(shm: ShmDirectory) -> None:
+    """Remove, now and then, shared-memory files whose writer died before handing
+    them over."""
+    while True:
+        await asyncio.sleep(SHM_SWEEP_INTERVAL)
+        await asyncio.to_thread(shm.sweep)
+
+
+def same_host_channel(
+    config: Config, address: str, core: MemoryService, authenticator: Authenticator
+) -> SameHostChannel:
+    """The same-host channel for a daemon bound at ``address``, its socket bound."""
+    same_host = config.same_host
+    if same_host.socket is not None:
+        path = Path(same_host.socket)
+    else:
+        directory = open_runtime_directory(runtime_directory(config.runtime_directory))
+        digest = hashlib.sha256(address.encode()).hexdigest()[:16]
+        path = directory / f"channel-{digest}.sock"
+    claim_unix_socket(path)
+    shm = None
+    shm_root = Path(same_host.shm_directory or "/dev/shm")
+    if same_host.shm_directory is not None or shm_root.is_dir():
+        try:
+            shm = ShmDirectory.create(shm_root)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create a shared-memory directory in {shm_root}: {exc.strerror}; "
+                "set same-host.shm-directory"
+            ) from exc
+    channel = SameHostChannel(
+        ChannelSettings(
+            socket_path=path,
+            segment_threshold=same_host.segment_threshold,
+            max_frame=config.limits.max_message_size,
+            max_connections=same_host.max_connections,
+            put_wait=config.memory.put_wait,
+        ),
+        core,
+        authenticator,
+        shm,
+    )
+    try:
+        channel.bind()
+    except OSError as exc:
+        channel.close()
+        raise StartupError(
+            f"cannot listen on the same-host channel's socket {path}: {exc.strerror}; set "
+            "same-host.socket, or same-host.enabled: false"
+        ) from exc
+    return channel
+
+
+def same_host_pb(channel: SameHostChannel) -> pb.SameHost:
+    return pb.SameHost(
+        socket_path=str(channel.path),
+        shm_directory=str(channel.shm.path) if channel.shm is not None else "",
+        segment_threshold=channel.settings.segment_threshold,
+        instance_id=channel.instance_id,
+        version=wire.VERSION,
+    )
 
 
 def _release_listener(address: str, authenticator: Authenticator) -> None:
@@ -259,6 +338,7 @@ def build_server(config: Config) -> MemctlServer:
     core: MemoryService | None = None
     metrics: Metrics | None = None
     address: str | None = None
+    channel: SameHostChannel | None = None
     try:
         core = MemoryService(settings)
         metrics = start_metrics(core, config.metrics)
@@ -284,9 +364,10 @@ def build_server(config: Config) -> MemctlServer:
             # With persist, kept workers' resume secrets must outlive the daemon too.
             identity_file=spill.path / "identities.json" if config.persist else None,
         )
+        servicer = MemctlServicer(core, control, authenticator)
         add_memctl_service(
             server,
-            MemctlServicer(core, control, authenticator),
+            servicer,
             max_calls=limits.max_calls,
             max_calls_per_client=limits.max_calls_per_client,
         )
@@ -310,7 +391,12 @@ def build_server(config: Config) -> MemctlServer:
                 raise StartupError(
                     f"cannot write the token file in {runtime}: {exc.strerror}"
                 ) from exc
+        if config.same_host.enabled:
+            channel = same_host_channel(config, address, core, authenticator)
+            servicer.same_host = same_host_pb(channel)
     except BaseException as exc:
+        if channel is not None:
+            channel.close()
         if address is not None:
             _release_listener(address, authenticator)
         if metrics is not None:
@@ -331,6 +417,7 @@ def build_server(config: Config) -> MemctlServer:
         health_servicer,
         address,
         authenticator,
+        channel,
     )
 
 

@@ -128,7 +128,7 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
-def _claim_unix_socket(path: Path) -> None:
+def claim_unix_socket(path: Path) -> None:
     """gRPC silently replaces an existing socket file: refuse if someone listens on it."""
     try:
         mode = path.lstat().st_mode
@@ -176,7 +176,7 @@ def bind(
     unix = unix_socket_path(address)
     if unix is not None:
         _socket_directory(unix)
-        _claim_unix_socket(unix)
+        claim_unix_socket(unix)
     # The socket file is created inside add_*_port with the process umask: make it
     # owner-only from its first moment, then widen to the configured mode.
     previous = os.umask(0o177) if unix is not None else None

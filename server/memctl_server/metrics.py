@@ -44,6 +44,7 @@ from .core import MemoryService, ScopeSnapshot
 from .edge import rewrap
 from .events import EVENT_KINDS, EventLog
 from .scopes import ScopeState
+from .segments import LEDGER
 from .store import SpillCounters
 
 logger = logging.getLogger(__name__)
@@ -276,6 +277,35 @@ def _register(provider: MeterProvider, core: MemoryService, events: EventLog) ->
         unit="{operation}",
         description="Operations received in Pipeline messages (per message: how well "
         "clients' calls coalesce)",
+    )
+
+    def same_host_operations(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(core.same_host.operations)]
+
+    def same_host_connections(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(core.same_host.connections)]
+
+    def segment_bytes(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(LEDGER.bytes)]
+
+    meter.create_observable_counter(
+        "memctl.same_host.operations",
+        callbacks=[same_host_operations],
+        unit="{operation}",
+        description="Frames received on the same-host channel",
+    )
+    meter.create_observable_gauge(
+        "memctl.same_host.connections",
+        callbacks=[same_host_connections],
+        unit="{connection}",
+        description="Same-host channel connections open",
+    )
+    meter.create_observable_gauge(
+        "memctl.segments.size",
+        callbacks=[segment_bytes],
+        unit="By",
+        description="Bytes of the shared-memory segments the daemon holds (values put "
+        "over the same-host channel; counted in managed)",
     )
 
     def trimmed(options: CallbackOptions) -> Iterable[Observation]:

@@ -28,6 +28,7 @@ from .engine import Lines, ScopeMemo, Thresholds
 from .errors import DataLoss, NotFound, ResourceExhausted
 from .persist import FoundFile, Journal
 from .readings import MemoryReadings, UnmanagedHistory
+from .segments import Segment
 from .spillfile import SpillFileDamaged, SpillReader, SpillWriter, checksum
 from .store import Entry, OnDisk, Record, SpillBuffer, SpillCounters, SpillFailed, Value
 
@@ -569,6 +570,19 @@ class Scope:
         except SpillFileDamaged as exc:
             raise self.lose(key, str(exc), self.data.spill_file(key)) from None
         return ValueRead(entry, location, data=record.data)
+
+    @publishes
+    def share(self, key: str, threshold: int) -> tuple[ValueRead, Segment | None]:
+        """``read``, and a value of at least ``threshold`` bytes as a shared-memory
+        segment when it is (now) in RAM: the one it is held as, else one made of its
+        bytes, held instead of them (built-in store only). A value too large for RAM
+        comes as a reader."""
+        read = self.read(key)
+        if read.data is None or read.entry.size < threshold:
+            return read, None
+        if not isinstance(self.data, SpillBuffer):
+            return read, None
+        return read, self.data.share(key)
 
     @publishes
     def lose(self, key: str, what: str, spill_file: str | None) -> DataLoss:

@@ -32,6 +32,7 @@ from .errors import DeadlineExceeded, InvalidArgument, MemctlError, PermissionDe
 from .events import Event
 from .readings import MemoryReadings
 from .scopes import KeyInfo, ManyRead, Scope
+from .spillfile import Value
 
 logger = logging.getLogger(__name__)
 
@@ -201,12 +202,35 @@ async def _chunks_of(
             )
 
 
-def _chunks(*pieces: bytes | bytearray | memoryview) -> Iterator[bytes]:
+def _chunks(*pieces: Value) -> Iterator[bytes]:
     """A value (in one piece, or several in order) as chunk messages, encoded as sent."""
     for piece in pieces:
         view = memoryview(piece).cast("B")
         for start in range(0, view.nbytes, CHUNK_SIZE):
             yield chunks.encode_chunk(view[start : start + CHUNK_SIZE])
+
+
+def data_scope(
+    core: MemoryService, principal: Principal, named: str | None, session_id: str | None
+) -> Scope:
+    """The scope a data call acts on: one an admin names, else the caller's own (its
+    worker session's, or the service's). Shared by gRPC and the same-host channel."""
+    if named is not None:
+        if not principal.admin:
+            raise PermissionDenied(
+                f"scope {named!r}: naming a scope ({SCOPE_METADATA_KEY}) needs the "
+                f"daemon's own token; this token is worker {principal.worker_id!r}'s "
+                "and reaches only that worker's data"
+            )
+        return core.scope_named(named)
+    scope = core.scope_for(session_id)
+    if not principal.admin and scope.name != principal.worker_id:
+        raise PermissionDenied(
+            f"this token is worker {principal.worker_id!r}'s and reaches only that "
+            f"worker's data; attach as {principal.worker_id!r} and send its session "
+            f"({SESSION_METADATA_KEY}) with data calls"
+        )
+    return scope
 
 
 class MemctlServicer(pb_grpc.MemctlServiceServicer):
@@ -218,6 +242,8 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         self.core = core
         self.control = control
         self.authenticator = authenticator
+        #: Where the same-host channel is, once it is bound (Status and Session say).
+        self.same_host: pb.SameHost | None = None
 
     def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         principal = self.authenticator.principal(context.invocation_metadata())
@@ -226,25 +252,12 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
         return principal
 
     def _scope(self, context: grpc.aio.ServicerContext[Any, Any]) -> Scope:
-        """The scope a data call acts on: one an admin names, else the caller's own."""
-        principal = self._principal(context)
-        named = metadata_value(context, SCOPE_METADATA_KEY)
-        if named is not None:
-            if not principal.admin:
-                raise PermissionDenied(
-                    f"scope {named!r}: naming a scope ({SCOPE_METADATA_KEY}) needs the "
-                    f"daemon's own token; this token is worker {principal.worker_id!r}'s "
-                    "and reaches only that worker's data"
-                )
-            return self.core.scope_named(named)
-        scope = self.core.scope_for(metadata_value(context, SESSION_METADATA_KEY))
-        if not principal.admin and scope.name != principal.worker_id:
-            raise PermissionDenied(
-                f"this token is worker {principal.worker_id!r}'s and reaches only that "
-                f"worker's data; attach as {principal.worker_id!r} and send its session "
-                f"({SESSION_METADATA_KEY}) with data calls"
-            )
-        return scope
+        return data_scope(
+            self.core,
+            self._principal(context),
+            metadata_value(context, SCOPE_METADATA_KEY),
+            metadata_value(context, SESSION_METADATA_KEY),
+        )
 
     async def Put(
         self,
@@ -511,6 +524,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                     max_spill=settings.max_spill or 0,
                     spill_compression=settings.compression,
                     monitor_interval_seconds=settings.monitor_interval,
+                    same_host=self.same_host,
                 ),
                 scopes=[scope_status_pb(snap) for snap in core.snapshot()],
             )
@@ -594,6 +608,7 @@ class MemctlServicer(pb_grpc.MemctlServiceServicer):
                         keys_kept=session.keys_kept,
                         resume_secret=session.resume_secret,
                         supervised=scope.supervised,
+                        same_host=self.same_host,
                     )
                 )
             )

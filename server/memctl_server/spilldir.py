@@ -81,9 +81,10 @@ def _size_of(directory: Path) -> int:
     return total
 
 
-def remove_stale_directories(root: Path) -> None:
-    """Remove the ``memctl-spill-*`` directories in ``root`` whose owner is dead."""
-    for candidate in sorted(root.glob(f"{SPILL_PREFIX}*")):
+def remove_stale_directories(root: Path, prefix: str = SPILL_PREFIX) -> None:
+    """Remove the ``<prefix>*`` directories in ``root`` (``memctl-spill-*``, or the
+    shared-memory ones) whose owner is dead."""
+    for candidate in sorted(root.glob(f"{prefix}*")):
         try:
             fd = _try_lock(candidate / LOCK_NAME)
         except OSError:
@@ -97,7 +98,7 @@ def remove_stale_directories(root: Path) -> None:
             freed = _size_of(candidate)
             shutil.rmtree(candidate, ignore_errors=True)
             logger.info(
-                "Removed stale spill directory %s of a memctl that is gone: %s freed",
+                "Removed stale directory %s of a memctl that is gone: %s freed",
                 candidate,
                 format_bytes(freed),
             )
@@ -135,17 +136,23 @@ def create_spill_directory(root: Path) -> SpillDirectory:
     try:
         make_directories(root, 0o755)
         remove_stale_directories(root)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))  # mode 0700
-        fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and private: always free
-        _write_pid(fd)
-        path = root / (SPILL_PREFIX + staging.name.removeprefix(STAGING_PREFIX))
-        staging.rename(path)
+        return create_owned_directory(root, SPILL_PREFIX)
     except OSError as exc:
         raise StartupError(
             f"cannot create a spill directory in {root}: {exc.strerror}; "
             "choose another --local-directory"
         ) from exc
+
+
+def create_owned_directory(root: Path, prefix: str) -> SpillDirectory:
+    """A new ``<prefix>*`` directory (0700) in ``root``, locked before it appears
+    under that name (``create_spill_directory`` says why). Raises OSError."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))  # mode 0700
+    fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and private: always free
+    _write_pid(fd)
+    path = root / (prefix + staging.name.removeprefix(STAGING_PREFIX))
+    staging.rename(path)
     return SpillDirectory(path, fd)
 
 

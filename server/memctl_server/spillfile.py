@@ -27,6 +27,7 @@ Not covered here: which values are on disk (``store.py``), where the directory i
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import zlib
@@ -39,7 +40,8 @@ import crc32c
 from memctl.chunks import unfilled_bytes
 
 Compression = Literal["lz4", "zlib", "none"]
-Value = bytes | bytearray | memoryview
+#: A value's bytes: ``mmap`` for a shared-memory segment (``segments.Segment``).
+Value = bytes | bytearray | memoryview | mmap.mmap
 
 MAGIC = b"MCTLSPL1"
 #: magic, encoding, flags, scope length, key length, metadata length, value size,

@@ -52,6 +52,7 @@ from zict.common import NoDefault, locked, nodefault
 
 from memctl.sizes import format_bytes
 
+from .segments import Segment, new_segment
 from .spillfile import (
     Compression,
     FileHeader,
@@ -97,6 +98,12 @@ def hold(value: Held) -> Held:
     return b"".join((header, value.metadata, value.data))
 
 
+def crc_of(record: Record) -> int:
+    """A held Record's CRC32C: a segment's is computed when first asked for."""
+    data = record.data
+    return data.crc if isinstance(data, Segment) else record.crc
+
+
 def unpack(held: Held) -> Record:
     """The Record of a held value (a packed one's data copied out: a few KiB at most)."""
     if isinstance(held, Record):
@@ -109,7 +116,7 @@ def unpack(held: Held) -> Record:
 def held_parts(held: Held) -> tuple[int, bytes, int, Value]:
     """A held value's size, metadata, CRC32C and data, in one unpacking."""
     if isinstance(held, Record):
-        return held.size, held.metadata, held.crc, held.data
+        return held.size, held.metadata, crc_of(held), held.data
     crc, metadata_size = _PACKED.unpack_from(held)
     start = _PACKED.size + metadata_size
     return len(held) - start, held[_PACKED.size : start], crc, held[start:]
@@ -118,7 +125,7 @@ def held_parts(held: Held) -> tuple[int, bytes, int, Value]:
 def held_entry(held: Held) -> Entry:
     """A held value's entry, without copying its data out."""
     if isinstance(held, Record):
-        return Entry(held.size, held.metadata, held.crc)
+        return Entry(held.size, held.metadata, crc_of(held))
     crc, metadata_size = _PACKED.unpack_from(held)
     start = _PACKED.size + metadata_size
     return Entry(len(held) - start, held[_PACKED.size : start], crc)
@@ -247,7 +254,10 @@ class Slow(MutableMapping[str, Held]):
         try:
             # The checksum taken when the value arrived, not one of the bytes as they are
             # now: a value damaged while in RAM is then caught when it is read back.
-            writer = self.open_writer(key, record.metadata, crc=record.crc)
+            data = record.data
+            # A segment not yet checksummed is checksummed as it is written.
+            crc = data._crc if isinstance(data, Segment) else record.crc
+            writer = self.open_writer(key, record.metadata, crc=crc)
             writer.write(record.data)
             header, disk_size = writer.commit()
             self.adopt(key, OnDisk(writer.path, disk_size, header))
@@ -565,6 +575,20 @@ class SpillBuffer(zict.Buffer[str, Held]):
                 del self.fast[key]
             self._spilled[0] += header.size
             self._spilled[1] += 1
+
+    def share(self, key: str) -> Segment | None:
+        """The in-RAM value of ``key`` as a shared-memory segment, made of its bytes
+        (and held instead of them, its weight and LRU place unchanged) unless it is
+        one already; None if it is not in RAM or too small to be worth one."""
+        held = self.fast.d.get(key)
+        if not isinstance(held, Record):  # packed values are a few KiB at most
+            return None
+        if isinstance(held.data, Segment):
+            return held.data
+        segment = new_segment([held.data], held.size)
+        segment._crc = held.crc
+        self.fast.d[key] = Record(segment, held.crc, held.metadata)
+        return segment
 
     def open_reader(self, key: str) -> SpillReader:
         """Read a value on disk back in pieces, without bringing it to RAM."""

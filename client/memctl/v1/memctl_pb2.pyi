@@ -761,6 +761,7 @@ class ServiceInfo(_message.Message):
     MAX_SPILL_FIELD_NUMBER: _builtins.int
     SPILL_COMPRESSION_FIELD_NUMBER: _builtins.int
     MONITOR_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    SAME_HOST_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     pid: _builtins.int
     uptime_seconds: _builtins.float
@@ -771,6 +772,10 @@ class ServiceInfo(_message.Message):
     """Bytes; 0 means no cap."""
     spill_compression: _builtins.str
     monitor_interval_seconds: _builtins.float
+    @_builtins.property
+    def same_host(self) -> Global___SameHost:
+        """The same-host channel; unset when it is off."""
+
     def __init__(
         self,
         *,
@@ -782,14 +787,61 @@ class ServiceInfo(_message.Message):
         max_spill: _builtins.int = ...,
         spill_compression: _builtins.str = ...,
         monitor_interval_seconds: _builtins.float = ...,
+        same_host: Global___SameHost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["same_host", b"same_host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_spill", b"max_spill", "monitor_interval_seconds", b"monitor_interval_seconds", "pid", b"pid", "spill_compression", b"spill_compression", "spill_directory", b"spill_directory", "total_memory", b"total_memory", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_spill", b"max_spill", "monitor_interval_seconds", b"monitor_interval_seconds", "pid", b"pid", "same_host", b"same_host", "spill_compression", b"spill_compression", "spill_directory", b"spill_directory", "total_memory", b"total_memory", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServiceInfo: _TypeAlias = ServiceInfo  # noqa: Y015
+
+@_typing.final
+class SameHost(_message.Message):
+    """SameHost says where the daemon's same-host channel is (protos/SAME_HOST.md):
+    a unix socket for small operations, with large values passed as sealed
+    memfds or as files in `shm_directory`. Clients on this host may use it
+    instead of the data RPCs; gRPC stays the complete contract.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    SHM_DIRECTORY_FIELD_NUMBER: _builtins.int
+    SEGMENT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    socket_path: _builtins.str
+    """The channel's unix socket."""
+    shm_directory: _builtins.str
+    """Where clients that cannot pass file descriptors write large values; empty
+    when there is none.
+    """
+    segment_threshold: _builtins.int
+    """Values of at least this many bytes travel as shared memory."""
+    instance_id: _builtins.str
+    """Names this daemon's run; the channel's HELLO answer carries it too, so a
+    client can tell that the socket it reached is this daemon's.
+    """
+    version: _builtins.int
+    """The channel protocol's version."""
+    def __init__(
+        self,
+        *,
+        socket_path: _builtins.str = ...,
+        shm_directory: _builtins.str = ...,
+        segment_threshold: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "segment_threshold", b"segment_threshold", "shm_directory", b"shm_directory", "socket_path", b"socket_path", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SameHost: _TypeAlias = SameHost  # noqa: Y015
 
 @_typing.final
 class StatusResponse(_message.Message):
@@ -1066,6 +1118,7 @@ class Session(_message.Message):
     KEYS_KEPT_FIELD_NUMBER: _builtins.int
     RESUME_SECRET_FIELD_NUMBER: _builtins.int
     SUPERVISED_FIELD_NUMBER: _builtins.int
+    SAME_HOST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Send as call metadata `memctl-session` on data RPCs so that the values
     belong to this worker's scope.
@@ -1084,6 +1137,12 @@ class Session(_message.Message):
     """Whether the service started this worker (nanny mode) and so may signal it."""
     @_builtins.property
     def thresholds(self) -> Global___Thresholds: ...
+    @_builtins.property
+    def same_host(self) -> Global___SameHost:
+        """The same-host channel; unset when it is off. Data operations on it carry
+        the session id in their HELLO.
+        """
+
     def __init__(
         self,
         *,
@@ -1094,10 +1153,11 @@ class Session(_message.Message):
         keys_kept: _builtins.int = ...,
         resume_secret: _builtins.str = ...,
         supervised: _builtins.bool = ...,
+        same_host: Global___SameHost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["same_host", b"same_host", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "keys_kept", b"keys_kept", "memory_limit", b"memory_limit", "resume_secret", b"resume_secret", "session_id", b"session_id", "supervised", b"supervised", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "keys_kept", b"keys_kept", "memory_limit", b"memory_limit", "resume_secret", b"resume_secret", "same_host", b"same_host", "session_id", b"session_id", "supervised", b"supervised", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
