@@ -100,7 +100,11 @@ def test_prometheus_scrapes_what_status_says(
         "--set",
         f"metrics.prometheus-address=127.0.0.1:{metrics_port}",
     )
-    with Client(daemon.address) as client, Client(daemon.address) as worker:
+    # gRPC: the scrape counts Put RPCs (the same-host channel's frames are counted apart).
+    with (
+        Client(daemon.address, transport="grpc") as client,
+        Client(daemon.address, transport="grpc") as worker,
+    ):
         workload(client)
         with worker.attach("w1", memory_limit="1GiB"):
             worker.put("x", os.urandom(3 * MiB))
@@ -197,7 +201,7 @@ def test_otlp_export_names_units_attributes(
                 "OTEL_METRIC_EXPORT_INTERVAL": "500",
             },
         )
-    with Client(daemon.address) as client:
+    with Client(daemon.address, transport="grpc") as client:  # counts RPCs
         workload(client)
         client.trim()
         expected = client.status().service

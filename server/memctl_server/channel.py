@@ -368,7 +368,7 @@ class Connection:
             if fd < 0:
                 raise InvalidArgument(f"{what}: the value is a memfd, and none came (FLAG_FD)")
             scope = self._scope()
-            self.core.check_value(put.key, put.metadata, put.size, what)
+            self.core.check_value(put.key, put.metadata, put.size)
             segment = adopt_memfd(fd, put.size, what)
             self._later(request_id, wire.PUT, self._put_segment(scope, put, segment))
             return
@@ -378,7 +378,7 @@ class Connection:
         if put.source == wire.SOURCE_SHM_FILE:
             if self.channel.shm is None:
                 raise InvalidArgument(f"{what}: this daemon has no shared-memory directory")
-            self.core.check_value(put.key, put.metadata, put.size, what)
+            self.core.check_value(put.key, put.metadata, put.size)
             self._later(request_id, wire.PUT, self._put_file(scope, put))
             return
         if put.size > MAX_INLINE_VALUE:

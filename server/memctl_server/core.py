@@ -354,7 +354,7 @@ class MemoryService:
         The value becomes visible only once complete and checked; a failed, short or
         cancelled Put leaves nothing behind and the old value intact.
         """
-        self.check_value(request.key, request.metadata, request.size, f"Put of {request.key!r}")
+        self.check_value(request.key, request.metadata, request.size)
         header_size = header_length(scope.name, request.key, request.metadata, request.size)
         route = await self._reserve(scope, request.size, header_size, wait)
         try:
@@ -495,17 +495,17 @@ class MemoryService:
             self._record_spill(scope, reason, moved)
         self.room_changed()
 
-    def check_value(self, key: str, metadata: bytes, size: int, what: str) -> None:
+    def check_value(self, key: str, metadata: bytes, size: int, label: str = "Put of ") -> None:
         """What Put and PutMany check of a value before taking it: the key, the
-        metadata, and ``limits.max-value-size``; ``what`` names it in the message."""
+        metadata, and ``limits.max-value-size``; messages name it ``<label><key>``."""
         _check_key(key)
         problem = metadata_problem(metadata)
         if problem:
-            raise InvalidArgument(f"{what}: {problem}")
+            raise InvalidArgument(f"{label}{key!r}: {problem}")
         most = self.settings.max_value_size
         if most is not False and size > most:
             raise ResourceExhausted(
-                f"{what}: the value is {format_bytes(size)}, more than the "
+                f"{label}{key!r}: the value is {format_bytes(size)}, more than the "
                 f"{format_bytes(most)} this daemon takes in one value "
                 "(limits.max-value-size); split it, or raise the limit"
             )
@@ -520,7 +520,7 @@ class MemoryService:
                 f"one message up to {format_bytes(MAX_INLINE_VALUE)}: send it with Put, "
                 "which streams it"
             )
-        self.check_value(item.key, item.metadata, size, repr(item.key))
+        self.check_value(item.key, item.metadata, size, label="")
         crc = checksum(item.data)
         if item.crc is not None and crc != item.crc:
             raise DataLoss(

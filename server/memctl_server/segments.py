@@ -180,7 +180,7 @@ class ShmDirectory:
 
     @classmethod
     def create(cls, root: Path) -> ShmDirectory:
-        remove_stale_directories(root, SHM_PREFIX)
+        remove_stale_directories(root, SHM_PREFIX, kind="shared-memory")
         return cls(create_owned_directory(root, SHM_PREFIX))
 
     def take(self, name: str, size: int, peer_uid: int, what: str) -> Segment:

@@ -81,7 +81,7 @@ def _size_of(directory: Path) -> int:
     return total
 
 
-def remove_stale_directories(root: Path, prefix: str = SPILL_PREFIX) -> None:
+def remove_stale_directories(root: Path, prefix: str = SPILL_PREFIX, kind: str = "spill") -> None:
     """Remove the ``<prefix>*`` directories in ``root`` (``memctl-spill-*``, or the
     shared-memory ones) whose owner is dead."""
     for candidate in sorted(root.glob(f"{prefix}*")):
@@ -98,7 +98,8 @@ def remove_stale_directories(root: Path, prefix: str = SPILL_PREFIX) -> None:
             freed = _size_of(candidate)
             shutil.rmtree(candidate, ignore_errors=True)
             logger.info(
-                "Removed stale directory %s of a memctl that is gone: %s freed",
+                "Removed stale %s directory %s of a memctl that is gone: %s freed",
+                kind,
                 candidate,
                 format_bytes(freed),
             )
