@@ -42,8 +42,6 @@ Buffer = bytes | bytearray | memoryview
 READ_SIZE = 256 * 1024
 _ANCILLARY_SPACE = socket.CMSG_SPACE(16 * 4)
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-#: Seconds a reader polls the socket before sleeping in recvmsg.
-SPIN_SECONDS = float(os.environ.get("MEMCTL_SPIN", "0.0001"))
 #: How often a thread waiting for its answer checks that someone is reading.
 _WAIT_STEP = 0.05
 
@@ -200,22 +198,8 @@ class SameHostConnection:
         raise from_failure(pending.status, message, self.address, key)
 
     def _read(self, remaining: float) -> tuple[bytes, list[tuple[int, int, bytes]]]:
-        """One recvmsg. An answer usually comes within tens of microseconds: poll for
-        it that long before sleeping in the kernel, since being woken costs more than
-        that (a wake-up across CPUs, dearer still in a virtual machine)."""
-        sock = self._sock
-        spin_until = time.perf_counter() + SPIN_SECONDS
-        while True:
-            try:
-                data, ancillary, _, _ = sock.recvmsg(
-                    READ_SIZE, _ANCILLARY_SPACE, socket.MSG_DONTWAIT
-                )
-                return data, ancillary
-            except BlockingIOError:
-                if time.perf_counter() >= spin_until:
-                    break
         self._set_timeout(remaining)
-        data, ancillary, _, _ = sock.recvmsg(READ_SIZE, _ANCILLARY_SPACE)
+        data, ancillary, _, _ = self._sock.recvmsg(READ_SIZE, _ANCILLARY_SPACE)
         return data, ancillary
 
     def _set_timeout(self, seconds: float) -> None:
