@@ -1,5 +1,10 @@
-"""Workloads 1-5: values in and out of memctl, beside the same bytes in Redis, in files
-and copied in memory.
+"""Workloads 1-5: values in and out of memctl over gRPC, beside the same bytes in Redis,
+in files and copied in memory.
+
+Every memctl client here is made with ``transport="grpc"``: on the daemon's host the
+client would otherwise pick the same-host channel by itself, which ``same_host.py``
+measures. The rows' labels say nothing of the transport; the same-host rows' all
+start with "same-host:".
 
 Each workload starts a daemon of its own (so one's data cannot slow the next) and
 empties Redis first; both sides move the same bytes, in the same order, from the
@@ -16,6 +21,8 @@ from .peers import Lab, MemctlDaemon, RedisServer
 from .report import Row
 from .timing import KIB, MIB, Sample, payload, run_sequential, run_tasks, run_threads
 
+#: The transport every client of these workloads uses.
+GRPC = "grpc"
 #: Memory limit of the daemons in workloads 1-4: every value stays in RAM.
 ROOMY_LIMIT = "2 GiB"
 #: Values per call in the batch workload, and batches it cycles through.
@@ -55,21 +62,30 @@ def op_rows(workload: str, memctl: Sample, redis: Sample, quantiles: Iterable[in
 
 
 # --- 1. one client, one key at a time ------------------------------------------------
+def sequential_put_get(
+    put: Callable[[str, bytes], object],
+    get: Callable[[str], object],
+    value: bytes,
+    seconds: float,
+) -> tuple[Sample, Sample]:
+    """Puts of ``value`` one after another for ``seconds``, then Gets of what was put."""
+    puts = run_sequential(lambda i: put(f"s{i}", value), seconds)
+    written = puts.counts[0]
+    gets = run_sequential(lambda i: expect(get(f"s{i % written}"), len(value)), seconds)
+    return puts, gets
+
+
 def run_single(quick: bool, lab: Lab) -> list[Row]:
     """Sequential Put/Get of 1 KiB values: what one call costs, round trip included."""
     seconds = 0.4 if quick else 3.0
     value = payload(KIB)
     server = lab.get_redis()
     server.flush()
-    with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client() as client:
-        m_put = run_sequential(lambda i: client.put(f"s{i}", value), seconds)
-        written = m_put.counts[0]
-        m_get = run_sequential(lambda i: expect(client.get(f"s{i % written}"), KIB), seconds)
+    with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client(transport=GRPC) as client:
+        m_put, m_get = sequential_put_get(client.put, client.get, value, seconds)
     redis = server.client()
     try:
-        r_put = run_sequential(lambda i: redis.set(f"s{i}", value), seconds)
-        r_written = r_put.counts[0]
-        r_get = run_sequential(lambda i: expect(redis.get(f"s{i % r_written}"), KIB), seconds)
+        r_put, r_get = sequential_put_get(redis.set, redis.get, value, seconds)
     finally:
         redis.close()
     return [
@@ -105,7 +121,7 @@ def run_concurrent(quick: bool, lab: Lab) -> list[Row]:
 def _memctl_threads(
     daemon: MemctlDaemon, n: int, seconds: float, value: bytes
 ) -> tuple[Sample, Sample]:
-    with daemon.client() as client:
+    with daemon.client(transport=GRPC) as client:
         return _threads(client.put, client.get, n, seconds, value)
 
 
@@ -136,7 +152,7 @@ def _threads(
 async def _memctl_tasks(
     daemon: MemctlDaemon, n: int, seconds: float, value: bytes
 ) -> tuple[Sample, Sample]:
-    async with daemon.async_client() as client:
+    async with daemon.async_client(transport=GRPC) as client:
         return await _tasks(client.put, client.get, n, seconds, value)
 
 
@@ -189,7 +205,7 @@ def run_batch(quick: bool, lab: Lab) -> list[Row]:
             raise RuntimeError(f"a batch read of {BATCH} values gave {str(values)[:40]}")
         expect(values[0], KIB)
 
-    with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client() as client:
+    with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client(transport=GRPC) as client:
         m_put = run_sequential(lambda i: client.put_many(items[i % BATCH_ROTATION]), seconds)
         written = min(m_put.counts[0], BATCH_ROTATION)
         m_get = run_sequential(lambda i: check(client.get_many(batches[i % written])), seconds)
@@ -240,7 +256,7 @@ def run_large(quick: bool, lab: Lab) -> list[Row]:
     server = lab.get_redis()
     server.flush()
 
-    with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client() as client:
+    with lab.memctl(ROOMY_LIMIT) as daemon, daemon.client(transport=GRPC) as client:
 
         def memctl_put(key: str) -> None:
             location = client.put(key, value).location
@@ -317,7 +333,7 @@ def run_spill(quick: bool, lab: Lab) -> list[Row]:
     blocks = [payload(SPILL_VALUE, seed) for seed in range(4)]
     keys = [f"v{i:04d}" for i in range(count)]
 
-    with lab.memctl(f"{limit // MIB} MiB") as daemon, daemon.client() as client:
+    with lab.memctl(f"{limit // MIB} MiB") as daemon, daemon.client(transport=GRPC) as client:
         start = time.perf_counter()
         for i, key in enumerate(keys):
             client.put(key, blocks[i % len(blocks)])

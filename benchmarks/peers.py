@@ -221,12 +221,17 @@ class MemctlDaemon:
     def rss(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
 
-    def client(self) -> Client:
-        return Client(self.address, token_file=self.token_path, timeout=300)
+    def client(self, *, transport: str) -> Client:
+        """A client over ``transport``, always named, so that no figure depends on
+        ``MEMCTL_TRANSPORT`` or on what "auto" picks: "grpc", "same-host" (the daemon's
+        unix-socket channel, or an error if it has none) or "auto"."""
+        return Client(self.address, token_file=self.token_path, timeout=300, transport=transport)
 
-    def async_client(self) -> AsyncClient:
-        """Make it inside the loop that uses it."""
-        return AsyncClient(self.address, token_file=self.token_path, timeout=300)
+    def async_client(self, *, transport: str) -> AsyncClient:
+        """The asyncio twin of ``client``; make it inside the loop that uses it."""
+        return AsyncClient(
+            self.address, token_file=self.token_path, timeout=300, transport=transport
+        )
 
     def stop(self) -> None:
         stop_process(self.process)

@@ -40,7 +40,7 @@ def run_scale(quick: bool, lab: Lab) -> list[Row]:
     daemon."""
     nkeys = 10_000 if quick else 1_000_000
     value = payload(VALUE_SIZE)
-    with lab.memctl("2 GiB") as daemon, daemon.client() as client:
+    with lab.memctl("2 GiB") as daemon, daemon.client(transport="grpc") as client:
         client.put_many({key(i): value for i in range(FEW_KEYS)})
         few = status_p50_ms(client)
         rss_before = daemon.rss()

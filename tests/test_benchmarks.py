@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.__main__ import WORKLOADS
+from benchmarks.report import Row
+from benchmarks.same_host import PREFIX, own_memory, segment_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +52,13 @@ def test_quick_suite(tmp_path: Path) -> None:
             assert math.isfinite(figure), row
             assert figure > 0, row
 
+        if row["target"] is not None:
+            assert isinstance(row["met"], bool), row
+    # The transport of every row shows: the same-host workload's rows, and only they,
+    # are labelled so (every other memctl row is gRPC).
+    for row in report["rows"]:
+        assert row["workload"].startswith(PREFIX) == (row["name"] == "same-host"), row
+
     machine = report["machine"]
     assert machine["cpu_count"] >= 1
     assert machine["total_memory"] > 0
@@ -60,3 +70,36 @@ def test_quick_suite(tmp_path: Path) -> None:
         assert heading in result.stdout
     for row in report["rows"]:
         assert row["workload"] in result.stdout, row["workload"]
+
+
+def test_row_targets() -> None:
+    plain = Row("w", "ops/s", 150.0, 100.0, "redis")
+    assert plain.met and plain.target_text == ""
+    goal = Row("w", "ops/s", 150.0, 100.0, "redis", target=1.5)
+    assert goal.met and goal.target_text == ">= 1.5"
+    assert not Row("w", "ops/s", 149.0, 100.0, "redis", target=1.5).met
+    latency = Row("w", "p99 ms", 2.0, 1.0, "redis", higher_is_better=False, target=1.0)
+    assert latency.ratio == 0.5 and not latency.met
+    band = Row("w", "MiB", 104.0, 100.0, "accounted", target=0.95, target_max=1.05)
+    assert band.met and band.target_text == "0.95-1.05"
+    assert not Row("w", "MiB", 106.0, 100.0, "accounted", target=0.95, target_max=1.05).met
+    assert Row("w", "ms", 1.0).met is None
+    assert band.as_json()["met"] is True
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfds are Linux's")
+def test_memory_readings() -> None:
+    """A memfd held through two descriptors counts once, at its size."""
+    before = segment_bytes(os.getpid())
+    fd = os.memfd_create("bench-test")
+    other = -1
+    try:
+        os.ftruncate(fd, 3 << 20)
+        other = os.dup(fd)
+        assert segment_bytes(os.getpid()) - before == 3 << 20
+    finally:
+        os.close(fd)
+        if other >= 0:
+            os.close(other)
+    assert segment_bytes(os.getpid()) == before
+    assert own_memory(os.getpid()) > 0

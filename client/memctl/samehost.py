@@ -231,11 +231,7 @@ class SameHostConnection:
         except OSError as exc:
             self._break(f"reading from memctl's same-host channel failed: {exc}")
             raise ChannelBroken(self.broken or "") from None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
+        self._fds.extend(wire.received_fds(ancillary))
         if not data:
             self._break("memctl closed the same-host channel (it stopped, or refused a frame)")
             raise ChannelBroken(self.broken or "")

@@ -17,7 +17,9 @@ becomes INVALID_ARGUMENT, never an exception of another kind.
 
 from __future__ import annotations
 
+import array
 import mmap
+import socket
 import struct
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -101,6 +103,15 @@ _LARGE_ITEM = struct.Struct("<BBQ")  # state, location, size
 
 class FrameError(ValueError):
     """A frame body that does not parse; the message says where."""
+
+
+def received_fds(ancillary: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message of ``recvmsg``'s ancillary data brought."""
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
 
 
 def header(length: int, request_id: int, op: int, status: int = OK, flags: int = 0) -> bytes:

@@ -223,11 +223,7 @@ class Connection:
         except OSError:
             self.close()
             return
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
+        self._fds.extend(wire.received_fds(ancillary))
         if flags & socket.MSG_CTRUNC:
             self._fail(f"more than {MAX_FDS_PER_READ} descriptors arrived at once")
             return
@@ -311,7 +307,7 @@ class Connection:
             if fd >= 0 and op != wire.PUT:
                 raise InvalidArgument(f"{name} takes no descriptor; only Put does")
             handler(request_id, body, fd)
-            fd = -1
+            fd = -1  # a segment owns it now (a handler that raises has not taken it)
         except wire.FrameError as exc:
             self._error(request_id, op, wire.INVALID_ARGUMENT, f"{name}: malformed frame: {exc}")
         except MemctlError as exc:

@@ -416,17 +416,7 @@ class MemoryService:
         store, as ``get`` reads them."""
         if self._store_factory is not None:
             return await self.get(scope, key), None
-        _check_key(key)
-        try:
-            moved = await self._in_scope(scope, _spills_during, scope, scope.share, key, threshold)
-        except DataLoss as exc:
-            self._record_loss(scope, exc)
-            raise
-        if moved.values:
-            self._record_spill(
-                scope, f"Get of {key!r} brought it back to RAM, over the target", moved
-            )
-        return moved.result
+        return await self._read(scope, key, scope.share, key, threshold)
 
     async def segment_of(self, scope: Scope, key: str, reader: SpillReader, size: int) -> Segment:
         """A value streamed from its spill file into a new segment, checked whole
@@ -649,9 +639,14 @@ class MemoryService:
 
     async def get(self, scope: Scope, key: str) -> ValueRead:
         """A value for Get: whole, or a checked stream from its spill file (``read_pieces``)."""
+        return await self._read(scope, key, scope.read, key)
+
+    async def _read(self, scope: Scope, key: str, read: Callable[..., R], *args: Any) -> R:
+        """``read(*args)`` in ``scope`` for a Get of ``key``: a loss it finds recorded,
+        and what bringing the value back to RAM pushed out."""
         _check_key(key)
         try:
-            moved = await self._in_scope(scope, _spills_during, scope, scope.read, key)
+            moved: Moved[R] = await self._in_scope(scope, _spills_during, scope, read, *args)
         except DataLoss as exc:
             self._record_loss(scope, exc)
             raise

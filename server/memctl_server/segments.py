@@ -28,6 +28,7 @@ import fcntl
 import logging
 import mmap
 import os
+import re
 import stat
 import weakref
 from collections.abc import Iterable
@@ -38,7 +39,7 @@ import crc32c
 from memctl.sizes import format_bytes
 
 from .errors import InvalidArgument, ResourceExhausted
-from .spilldir import SpillDirectory, create_owned_directory, remove_stale_directories
+from .spilldir import LOCK_NAME, SpillDirectory, create_owned_directory, remove_stale_directories
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 SHM_PREFIX = "memctl-shm-"
 #: The name of the memfds the daemon makes (keys are user data: never in a name).
 SEGMENT_NAME = "memctl-segment"
+#: The name of a file a client writes in the shared-memory directory: its pid, a dash,
+#: then anything that is not a slash (the daemon's own files do not match).
+CLIENT_FILE_NAME = re.compile(r"([0-9]{1,10})-[^/\x00]{1,200}")
 #: Bytes copied per sendfile call when taking over a /dev/shm file.
 COPY_STEP = 1 << 30
 
@@ -93,12 +97,9 @@ class Segment(mmap.mmap):
 
 
 def _segment(fd: int, size: int) -> Segment:
-    """Map ``fd`` (owned from now on) as a Segment, counted in the ledger until freed."""
-    try:
-        segment = Segment(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    except BaseException:
-        os.close(fd)
-        raise
+    """Map ``fd`` as a Segment, which owns it once this returns, counted in the ledger
+    until freed (the caller still owns it if this raises)."""
+    segment = Segment(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     segment.fd = fd
     segment._crc = None
     LEDGER._added(size)
@@ -112,34 +113,30 @@ def _release(fd: int, size: int) -> None:
 
 
 def adopt_memfd(fd: int, size: int, what: str) -> Segment:
-    """Take a client's memfd (the descriptor is ours from now on) as a value of
-    ``size`` bytes; InvalidArgument, the descriptor closed, unless it is a memfd
-    sealed against writing, shrinking and growing, of exactly that size."""
+    """Take a client's memfd as a value of ``size`` bytes: the segment owns the
+    descriptor once this returns. InvalidArgument (the descriptor still the caller's)
+    unless it is a memfd sealed against writing, shrinking and growing, of exactly
+    that size."""
     try:
-        try:
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        except OSError:
-            raise InvalidArgument(
-                f"{what}: the descriptor is not a memfd (memfd_create with "
-                "MFD_ALLOW_SEALING); nothing was stored"
-            ) from None
-        if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-            raise InvalidArgument(
-                f"{what}: the memfd is not sealed against writes, shrinking and growing; "
-                "add F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW (fcntl F_ADD_SEALS) before "
-                "passing it. Nothing was stored"
-            )
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            raise InvalidArgument(
-                f"{what}: the memfd holds {actual} bytes, the frame declares {size}; "
-                "nothing was stored"
-            )
-        if size == 0:
-            raise InvalidArgument(f"{what}: an empty value travels inline, not as a memfd")
-    except BaseException:
-        os.close(fd)
-        raise
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise InvalidArgument(
+            f"{what}: the descriptor is not a memfd (memfd_create with "
+            "MFD_ALLOW_SEALING); nothing was stored"
+        ) from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise InvalidArgument(
+            f"{what}: the memfd is not sealed against writes, shrinking and growing; "
+            "add F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW (fcntl F_ADD_SEALS) before "
+            "passing it. Nothing was stored"
+        )
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise InvalidArgument(
+            f"{what}: the memfd holds {actual} bytes, the frame declares {size}; nothing was stored"
+        )
+    if size == 0:
+        raise InvalidArgument(f"{what}: an empty value travels inline, not as a memfd")
     return _segment(fd, size)
 
 
@@ -159,10 +156,10 @@ def new_segment(pieces: Iterable[Buffer], size: int) -> Segment:
         if offset != size:
             raise ValueError(f"a segment of {size} bytes was given {offset}")
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ALL_SEALS)
+        return _segment(fd, size)
     except BaseException:
         os.close(fd)
         raise
-    return _segment(fd, size)
 
 
 class ShmDirectory:
@@ -187,10 +184,11 @@ class ShmDirectory:
         """The file ``name`` (written by a client of uid ``peer_uid``) as a sealed
         segment; the file is removed. InvalidArgument for a name outside the
         directory, a link, a file of another user or of another size."""
-        if not name or "/" in name or name in (".", "..") or "\0" in name:
+        if not CLIENT_FILE_NAME.fullmatch(name):
             raise InvalidArgument(
-                f"{what}: {name!r} is not a file name in {self.path}; name a file directly "
-                "inside the shared-memory directory the daemon advertised"
+                f"{what}: {name!r} is not a client's file name in {self.path}; name a file "
+                "directly inside the shared-memory directory the daemon advertised, called "
+                "<your pid>-<anything>"
             )
         path = self.path / name
         try:
@@ -232,10 +230,10 @@ class ShmDirectory:
         except OSError:
             return 0
         for entry in entries:
-            pid_text = entry.name.split("-", 1)[0]
-            if entry.name == "memctl.lock":
+            if entry.name == LOCK_NAME:
                 continue
-            if pid_text.isdigit() and _alive(int(pid_text)):
+            match = CLIENT_FILE_NAME.fullmatch(entry.name)
+            if match is not None and _alive(int(match[1])):
                 continue
             try:
                 os.unlink(entry.path)
@@ -273,6 +271,7 @@ def _copy_to_segment(source: int, size: int, name: str) -> Segment:
                 )
             offset += sent
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ALL_SEALS)
+        return _segment(fd, size)
     except OSError as exc:
         os.close(fd)
         raise ResourceExhausted(
@@ -282,4 +281,3 @@ def _copy_to_segment(source: int, size: int, name: str) -> Segment:
     except BaseException:
         os.close(fd)
         raise
-    return _segment(fd, size)

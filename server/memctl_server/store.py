@@ -94,7 +94,7 @@ def hold(value: Held) -> Held:
     """The form RAM keeps ``value`` in: packed if it is small."""
     if isinstance(value, bytes) or nbytes(value.data) + len(value.metadata) > PACK_LIMIT:
         return value
-    header = _PACKED.pack(value.crc, len(value.metadata))
+    header = _PACKED.pack(crc_of(value), len(value.metadata))
     return b"".join((header, value.metadata, value.data))
 
 
