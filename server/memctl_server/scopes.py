@@ -488,9 +488,11 @@ class Scope:
                 carried = size + len(metadata)
                 if size <= most and carried <= budget:
                     budget -= carried
+                    if isinstance(data, Segment):
+                        crc = data.crc
                     reads.append(ManyRead(key, "memory", size, metadata, crc, data))
-                else:
-                    reads.append(ManyRead(key, "memory", size, metadata, crc))
+                else:  # only described: its bytes, and their CRC32C, travel by a Get
+                    reads.append(ManyRead(key, "memory", size, metadata, 0))
                 continue
             location = self.data.location(key)
             if location is None:
@@ -577,6 +579,16 @@ class Scope:
         segment when it is (now) in RAM: the one it is held as, else one made of its
         bytes, held instead of them (built-in store only). A value too large for RAM
         comes as a reader."""
+        data = self.data
+        if isinstance(data, SpillBuffer):
+            held = data.held_segment(key)
+            if held is not None and len(held) >= threshold:
+                # Read as a Get reads it (its LRU place), but its entry without the
+                # CRC32C: the segment travels as itself, and computing the checksum of
+                # a value nobody copies would cost the first Get a pass over its bytes.
+                record = data[key]
+                entry = Entry(record.size, record.metadata, 0)
+                return ValueRead(entry, "memory", data=record.data), held
         read = self.read(key)
         if read.data is None or read.entry.size < threshold:
             return read, None

@@ -114,9 +114,10 @@ def unpack(held: Held) -> Record:
 
 
 def held_parts(held: Held) -> tuple[int, bytes, int, Value]:
-    """A held value's size, metadata, CRC32C and data, in one unpacking."""
+    """A held value's size, metadata, CRC32C and data, in one unpacking (0 for the
+    CRC32C of a segment: ``crc_of`` computes it where it is needed)."""
     if isinstance(held, Record):
-        return held.size, held.metadata, crc_of(held), held.data
+        return held.size, held.metadata, held.crc, held.data
     crc, metadata_size = _PACKED.unpack_from(held)
     start = _PACKED.size + metadata_size
     return len(held) - start, held[_PACKED.size : start], crc, held[start:]
@@ -575,6 +576,13 @@ class SpillBuffer(zict.Buffer[str, Held]):
                 del self.fast[key]
             self._spilled[0] += header.size
             self._spilled[1] += 1
+
+    def held_segment(self, key: str) -> Segment | None:
+        """The segment ``key`` is held as in RAM, if it is one (nothing is touched)."""
+        held = self.fast.d.get(key)
+        if isinstance(held, Record) and isinstance(held.data, Segment):
+            return held.data
+        return None
 
     def share(self, key: str) -> Segment | None:
         """The in-RAM value of ``key`` as a shared-memory segment, made of its bytes
